@@ -1,0 +1,1 @@
+"""Sub-commands of the ``smartbeam`` CLI; each module exposes ``register(subparsers)``."""
