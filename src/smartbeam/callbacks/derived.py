@@ -107,16 +107,16 @@ class DerivedStreamRouter(DocumentRouter):
             self.errors = []
         if name == "stop":
             # Derived rows must reach the writer before the stop closes the run.
-            self._dispatch(name, doc, validate)
+            self._analyse(name, doc, validate)
             doc = self._before_stop(doc)
             self._forward(name, doc)
         else:
             # Raw data first, so nothing is lost if the analysis below fails.
             self._forward(name, doc)
-            self._dispatch(name, doc, validate)
+            self._analyse(name, doc, validate)
         return name, doc
 
-    def _dispatch(self, name: str, doc: dict, validate: bool) -> None:
+    def _analyse(self, name: str, doc: dict, validate: bool) -> None:
         try:
             super().__call__(name, doc, validate=validate)
         except Exception as exc:  # analysis never kills the scan
