@@ -1,0 +1,1 @@
+"""Caproto IOCs serving the simulated instruments over real EPICS Channel Access."""

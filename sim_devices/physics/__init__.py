@@ -1,0 +1,1 @@
+"""Ground-truth sample physics of the simulated instruments (never visible to plans)."""
