@@ -1,0 +1,155 @@
+"""Tests of smartbeam.analysis.kde (masked KDE, CV bandwidths, variance, prediction)."""
+
+import numpy as np
+import pytest
+
+from smartbeam.analysis.kde import (
+    Geometry,
+    Kernel,
+    kde_estimate,
+    predict_time_to_target,
+    product_profile,
+    select_bandwidths,
+    smooth,
+    thin,
+)
+from smartbeam.analysis.kde_stream import FrameAccumulator, StreamingKDE
+from smartbeam.errors import SmartbeamInputError
+
+
+def _geometry(shape=(64, 64), centre=(30.3, 33.6), hole=5.0):
+    ny, nx = shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    mask = np.hypot(xx - centre[0], yy - centre[1]) > hole
+    mask[10, 50] = False  # a dead pixel
+    return Geometry(mask, centre, band_width_px=8)
+
+
+@pytest.mark.parametrize("kernel", [Kernel.iso(0), Kernel.iso(1.5), Kernel.iso(8),
+                                    Kernel.ring(1, 10), Kernel.ring(0, 60)])
+@pytest.mark.parametrize("backend", ["cv2", "scipy"])
+def test_constant_field_is_identity_inside_mask(kernel, backend):
+    g = _geometry()
+    const = np.full(g.shape, 3.7)
+    const[~g.mask] = 1e6  # masked values must not bleed in
+    sm, _ = smooth(const, g, kernel, backend=backend)
+    np.testing.assert_allclose(sm[g.mask], 3.7, rtol=1e-9)
+    assert np.all(sm[~g.mask] == 0)
+
+
+def test_backends_agree():
+    g = _geometry()
+    x = np.random.default_rng(0).poisson(5.0, g.shape).astype(float)
+    a, _ = smooth(x, g, Kernel.iso(2), backend="cv2")
+    b, _ = smooth(x, g, Kernel.iso(2), backend="scipy")
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kernel", [Kernel.iso(1.0), Kernel.iso(3.0), Kernel.ring(1.0, 8.0)])
+def test_variance_map_matches_monte_carlo(kernel):
+    g = _geometry()
+    ny, nx = g.shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    mu = 2.0 + 3.0 * np.exp(-np.hypot(xx - 30, yy - 33) / 12)
+    rng = np.random.default_rng(1)
+    draws = np.array([smooth(rng.poisson(mu).astype(float), g, kernel)[0] for _ in range(600)])
+    _, var = smooth(mu, g, kernel, density=mu)
+    mc = draws.var(axis=0, ddof=1)
+    ratio = mc[g.mask] / var[g.mask]
+    # 600 draws: the sample variance has ~6 % relative scatter per pixel
+    assert abs(np.median(ratio) - 1) < 0.03
+    assert np.percentile(np.abs(ratio - 1), 90) < 0.2
+
+
+def test_cv_chooses_no_smoothing_for_pixel_scale_features():
+    g = _geometry()
+    rng = np.random.default_rng(2)
+    mu = np.where((np.indices(g.shape).sum(axis=0) % 2) == 0, 400.0, 20.0)  # checkerboard
+    sel = select_bandwidths(rng.poisson(mu), g, product="map", rng=3)
+    assert all(k == Kernel.iso(0) for k in sel.kernels)
+
+
+def test_cv_chooses_large_sigma_for_flat_field():
+    g = _geometry()
+    rng = np.random.default_rng(4)
+    sel = select_bandwidths(rng.poisson(np.full(g.shape, 2.0)), g, product="map", rng=5)
+    effective = [max(k.sigma_q, 0.5) * max(k.sigma_ring, 0.5) for k in sel.kernels]
+    assert min(effective) >= 16  # at least ~4 px in both directions in every band
+
+
+def test_smartbeam_beats_raw_on_ring_pattern():
+    g = _geometry()
+    ny, nx = g.shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    r = np.hypot(xx - g.centre[0], yy - g.centre[1])
+    mu = 0.05 + 2.0 * np.exp(-r / 10) * (1 + 0.5 * np.cos(r / 2))
+    rng = np.random.default_rng(6)
+    x = rng.poisson(mu * 5)
+    res = kde_estimate(x, g, rng=7)
+    m = g.mask
+    mse_raw = np.mean((x[m] - 5 * mu[m]) ** 2 / (5 * mu[m]))
+    mse_kde = np.mean((res.smoothed[m] - 5 * mu[m]) ** 2 / (5 * mu[m]))
+    assert mse_kde < mse_raw / 3
+    assert res.variance.shape == g.shape and np.all(res.variance[m] > 0)
+    assert "correlated" in res.kernel_description()
+    assert len(res.kernels) == g.n_bands
+
+
+def test_products_and_thinning():
+    g = _geometry()
+    frame = np.full(g.shape, 2.0)
+    for product in ("map", "sector", "radial"):
+        p = product_profile(frame, g, product)
+        assert np.allclose(p[np.isfinite(p)], 2.0)
+    x = np.random.default_rng(0).poisson(10, g.shape)
+    a, b = thin(x, np.random.default_rng(1))
+    assert np.array_equal(a + b, x) and a.min() >= 0 and b.min() >= 0
+
+
+def test_predictor_poisson_rate():
+    t = [1, 2, 4, 8]
+    e = [0.4 / np.sqrt(v) for v in t]
+    assert predict_time_to_target(t, e, 0.1) == pytest.approx(16.0, rel=1e-6)
+    assert predict_time_to_target([3.0], [0.2], 0.1) == pytest.approx(12.0)
+    assert predict_time_to_target([], [], 0.1) == float("inf")
+    with pytest.raises(SmartbeamInputError, match="target"):
+        predict_time_to_target(t, e, 0.0)
+
+
+def test_streaming_predictor_and_accumulator():
+    g = _geometry()
+    mu = np.full(g.shape, 0.5)
+    s = StreamingKDE(g, seed=0)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        s.add(rng.poisson(mu), exposure=2.0)
+        if i in (1, 3, 7):
+            res = s.result()
+    assert s.n_frames == 8 and s.exposure == 16.0
+    assert np.isfinite(res.rel_error) and res.rel_error > 0
+    t = s.predicted_time(res.rel_error / 2)
+    assert 16.0 < t < 16.0 * 16
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.zeros((10, 10)), "shape"),
+    (np.full((64, 64), np.nan), "finite"),
+    (np.full((64, 64), np.inf), "finite"),
+    (-np.ones((64, 64)), ">= 0"),
+])
+def test_bad_frames_rejected_and_sum_kept(bad, match):
+    acc = FrameAccumulator()
+    acc.add(np.ones((64, 64), np.int32))
+    with pytest.raises(SmartbeamInputError, match=match):
+        acc.add(bad)
+    assert acc.n_frames == 1 and acc.total.sum() == 64 * 64
+
+
+def test_bad_geometry():
+    mask = np.ones((32, 32), bool)
+    with pytest.raises(SmartbeamInputError, match="off the detector"):
+        Geometry(mask, (40.0, 3.0))
+    with pytest.raises(SmartbeamInputError, match="no valid pixel"):
+        Geometry(np.zeros((32, 32), bool), (16, 16))
+    with pytest.raises(SmartbeamInputError, match="product"):
+        select_bandwidths(np.ones((32, 32)), Geometry(mask, (16, 16)), product="ring")
