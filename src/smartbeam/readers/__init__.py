@@ -1,0 +1,1 @@
+"""Readers of measured data files (spectra, raw detector frames)."""
