@@ -31,7 +31,7 @@ class STXMDetector(Device):
     img_y1 = Cpt(EpicsSignal, "Img:Y1", kind=Kind.config)
     img_ny = Cpt(EpicsSignal, "Img:NY", kind=Kind.config)
     img_acquire = Cpt(EpicsSignal, "Img:Acquire", put_complete=True, kind=Kind.omitted)
-    image = Cpt(ImageSignal, "Img:Array", shape_x="Img:NX", shape_y="Img:NY",
+    image = Cpt(ImageSignal, "Img:Array", shape_x="img_nx", shape_y="img_ny",
                 kind=Kind.omitted)
 
     def trigger(self):
