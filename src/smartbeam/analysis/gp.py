@@ -1,0 +1,357 @@
+"""Gaussian-process models of spectra for adaptive energy scans.
+
+:class:`WarpedGP` is a 1-D GP regression with
+
+- a Matern-5/2 kernel on *warped* inputs ``u(x) = x + a w sum_k arctan((x - c_k) / w)``:
+  space is stretched by ``1 + a`` around the centres ``c_k`` (absorption edges), so one
+  stationary kernel in ``u`` has a short length scale at the edges and a long one in
+  between; the warp strength ``a`` is chosen by marginal likelihood at each refit;
+- known, per-point (heteroscedastic) counting noise;
+- hyperparameter refits with scikit-learn (L-BFGS on the log marginal likelihood),
+  and cheap conditioning on new data with fixed hyperparameters (one Cholesky).
+
+:class:`XMCDGP` models s = mu+ + mu- and d = mu+ - mu- with two independent WarpedGPs
+(their noises are independent when both helicities are counted alike) and turns the
+posterior into Gaussian (p, q, r) and delta-method moments.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.linalg import cho_solve, cholesky, solve_triangular
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.gaussian_process import GaussianProcessRegressor
+from sklearn.gaussian_process.kernels import ConstantKernel, Matern
+
+from ..errors import SmartbeamInputError
+from .sumrules import SumRuleFunctionals, locate_edges, moments_with_uncertainty
+
+__all__ = ["WarpedGP", "XMCDGP"]
+
+_JITTER = 1e-9
+
+
+def _matern52(u1: np.ndarray, u2: np.ndarray, length: float) -> np.ndarray:
+    r = np.abs(u1[:, None] - u2[None, :]) * (np.sqrt(5.0) / length)
+    return (1.0 + r + r * r / 3.0) * np.exp(-r)
+
+
+@dataclass
+class WarpedGP:
+    """1-D GP regression with input warping around ``centres`` and known noise.
+
+    Parameters
+    ----------
+    centres
+        Where to stretch the input space (e.g. absorption edges, eV). Empty: stationary.
+    warp_width
+        Width (eV) of the stretched regions.
+    warp_grid
+        Candidate warp strengths ``a`` compared by marginal likelihood at each refit.
+    length_bounds
+        Bounds of the length scale in warped units.
+    """
+
+    centres: tuple[float, ...] = ()
+    warp_width: float = 1.5
+    warp_grid: tuple[float, ...] = (0.0, 3.0, 8.0)
+    length_bounds: tuple[float, float] = (0.3, 60.0)
+    # fitted state
+    warp: float = 0.0
+    length: float = 5.0
+    amplitude: float = 1.0
+    y_mean: float = 0.0
+    y_scale: float = 1.0
+    log_marginal_likelihood: float = float("nan")
+    _x: np.ndarray = field(default=None, repr=False)
+    _chol: np.ndarray = field(default=None, repr=False)
+    _alpha: np.ndarray = field(default=None, repr=False)
+    _u: np.ndarray = field(default=None, repr=False)
+
+    def warp_inputs(self, x: np.ndarray, warp: float | None = None) -> np.ndarray:
+        """Map energies to the warped coordinate ``u``."""
+        a = self.warp if warp is None else warp
+        x = np.asarray(x, dtype=float)
+        u = x.copy()
+        if a and self.centres:
+            w = self.warp_width
+            for c in self.centres:
+                u += a * w * np.arctan((x - c) / w)
+        return u
+
+    @property
+    def hyperparameters(self) -> dict[str, float]:
+        """Current hyperparameters (JSON-friendly)."""
+        return {"warp": float(self.warp), "length": float(self.length),
+                "amplitude": float(self.amplitude * self.y_scale**2),
+                "lml": float(self.log_marginal_likelihood)}
+
+    def refit(self, x: np.ndarray, y: np.ndarray, noise_var: np.ndarray) -> WarpedGP:
+        """Fit hyperparameters (warp strength, length, amplitude) and condition on data."""
+        x, y, nv = self._check(x, y, noise_var)
+        self.y_mean = float(np.mean(y))
+        self.y_scale = float(np.std(y)) or 1.0
+        yn = (y - self.y_mean) / self.y_scale
+        alpha = nv / self.y_scale**2 + _JITTER
+        best = None
+        grid = self.warp_grid if self.centres else (0.0,)
+        for a in grid:
+            kernel = ConstantKernel(self.amplitude, (1e-3, 1e3)) * Matern(
+                length_scale=float(np.clip(self.length, *self.length_bounds)),
+                length_scale_bounds=self.length_bounds, nu=2.5)
+            gpr = GaussianProcessRegressor(kernel, alpha=alpha, normalize_y=False,
+                                           n_restarts_optimizer=0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                gpr.fit(self.warp_inputs(x, a)[:, None], yn)
+            lml = gpr.log_marginal_likelihood_value_
+            if best is None or lml > best[0]:
+                best = (lml, a, gpr.kernel_)
+        lml, a, k = best
+        self.warp = float(a)
+        self.amplitude = float(k.k1.constant_value)
+        self.length = float(k.k2.length_scale)
+        self.log_marginal_likelihood = float(lml)
+        return self.condition(x, y, noise_var, _checked=True)
+
+    def condition(self, x: np.ndarray, y: np.ndarray, noise_var: np.ndarray,
+                  _checked: bool = False) -> WarpedGP:
+        """Condition on data with the current hyperparameters (no refit)."""
+        if not _checked:
+            x, y, noise_var = self._check(x, y, noise_var)
+        self._x = x
+        self._u = self.warp_inputs(x)
+        k = self.amplitude * _matern52(self._u, self._u, self.length)
+        k[np.diag_indices_from(k)] += noise_var / self.y_scale**2 + _JITTER
+        self._chol = cholesky(k, lower=True, check_finite=False)
+        yn = (y - self.y_mean) / self.y_scale
+        self._alpha = cho_solve((self._chol, True), yn, check_finite=False)
+        return self
+
+    @staticmethod
+    def _check(x, y, noise_var):
+        x = np.asarray(x, dtype=float).ravel()
+        y = np.asarray(y, dtype=float).ravel()
+        nv = np.broadcast_to(np.asarray(noise_var, dtype=float), x.shape).copy()
+        if x.size < 2 or y.shape != x.shape:
+            raise SmartbeamInputError(f"{x.size} inputs and {y.size} outputs: expected "
+                                      "equal sizes of at least 2")
+        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(nv >= 0)):
+            raise SmartbeamInputError("GP data contain NaN/inf or negative noise: expected "
+                                      "finite values and non-negative noise variances")
+        return x, y, nv
+
+    def posterior(self, xg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Posterior at ``xg``: mean, prior covariance factor pieces.
+
+        Returns
+        -------
+        mean, k_gg, v
+            Posterior mean; prior covariance on ``xg``; ``v = L^-1 K(X, xg)`` so that the
+            posterior covariance is ``k_gg - v.T @ v`` (all in data units).
+        """
+        if self._chol is None:
+            raise RuntimeError("WarpedGP.posterior() before refit()/condition()")
+        ug = self.warp_inputs(xg)
+        kxg = self.amplitude * _matern52(self._u, ug, self.length)
+        mean = self.y_mean + self.y_scale * (kxg.T @ self._alpha)
+        v = solve_triangular(self._chol, kxg, lower=True, check_finite=False) * self.y_scale
+        kgg = (self.amplitude * self.y_scale**2) * _matern52(ug, ug, self.length)
+        return mean, kgg, v
+
+    def predict(self, xg: np.ndarray, return_std: bool = True):
+        """Posterior mean (and standard deviation) at ``xg``."""
+        mean, kgg, v = self.posterior(np.asarray(xg, dtype=float))
+        if not return_std:
+            return mean
+        var = np.diag(kgg) - np.einsum("ij,ij->j", v, v)
+        return mean, np.sqrt(np.maximum(var, 0.0))
+
+
+class XMCDGP:
+    """GP model of an XMCD pair of spectra and the posterior of the sum-rule moments.
+
+    A fit/predict-style estimator: no I/O, no bluesky.
+
+    Parameters
+    ----------
+    e_min, e_max
+        Scan window (eV).
+    n_h
+        Number of 3d holes.
+    edges
+        Tabulated (L3, L2) white-line energies used as a search hint; the edges used by
+        the sum rules and the warping are located in the posterior mean at each refit.
+    n_grid
+        Points of the grid on which the functionals are evaluated.
+    warp
+        Use input warping around the located edges (False: stationary GP).
+    step_width
+        Step-background width used by the sum rules.
+    """
+
+    def __init__(self, e_min: float, e_max: float, n_h: float, *,
+                 edges: tuple[float, float] | None = None, n_grid: int = 201,
+                 warp: bool = True, step_width: float = 0.6) -> None:
+        if not e_min < e_max:
+            raise SmartbeamInputError(f"e_min={e_min!r}, e_max={e_max!r}: expected e_min < e_max")
+        if not n_h > 0:
+            raise SmartbeamInputError(f"n_h={n_h!r}: expected a positive number of 3d holes")
+        self.e_min, self.e_max, self.n_h = float(e_min), float(e_max), float(n_h)
+        self.edge_hint = tuple(float(e) for e in edges) if edges is not None else None
+        self.grid = np.linspace(e_min, e_max, n_grid)
+        self.use_warp = warp
+        self.step_width = step_width
+        self.gp_s = WarpedGP()
+        self.gp_d = WarpedGP()
+        self.edges: tuple[float, float] | None = None
+        self.functionals: SumRuleFunctionals | None = None
+        self._post: dict | None = None
+        self.noise_per_signal = 1e-6
+
+    # -- fitting -------------------------------------------------------------------
+    def fit(self, energy, mu_plus, mu_minus, var_plus, var_minus, *, refit: bool = True) -> XMCDGP:
+        """Condition on measured points (refitting hyperparameters if ``refit``).
+
+        Parameters
+        ----------
+        energy
+            Energies of the measured points (eV); repeats are allowed.
+        mu_plus, mu_minus
+            Normalised absorption for each helicity.
+        var_plus, var_minus
+            Their counting-noise variances.
+        refit
+            Refit hyperparameters and relocate the edges (else keep them: fast path).
+        """
+        e = np.asarray(energy, dtype=float)
+        mp, mm = np.asarray(mu_plus, float), np.asarray(mu_minus, float)
+        nv = np.asarray(var_plus, float) + np.asarray(var_minus, float)
+        s, d = mp + mm, mp - mm
+        pos = s > 0
+        self.noise_per_signal = float(np.median(nv[pos] / s[pos])) if pos.any() else 1e-6
+        if refit or self.functionals is None:
+            if self.use_warp and self.edges is not None:
+                self.gp_s.centres = self.gp_d.centres = self.edges
+            self.gp_s.refit(e, s, nv)
+            self.gp_d.refit(e, d, nv)
+            self._locate_edges()
+            if self.use_warp:
+                # Re-centre the warp on the new edges; keep the fitted strengths.
+                self.gp_s.centres = self.gp_d.centres = self.edges
+                self.gp_s.condition(e, s, nv)
+                self.gp_d.condition(e, d, nv)
+        else:
+            self.gp_s.condition(e, s, nv)
+            self.gp_d.condition(e, d, nv)
+        self._posterior()
+        return self
+
+    def _locate_edges(self) -> None:
+        mean_s = self.gp_s.predict(self.grid, return_std=False)
+        try:
+            edges = locate_edges(self.grid, mean_s, hint=self.edge_hint)
+        except SmartbeamInputError:
+            edges = self.edges or self.edge_hint
+            if edges is None:
+                span = self.e_max - self.e_min
+                edges = (self.e_min + 0.35 * span, self.e_min + 0.65 * span)
+        lo, hi = self.grid[1], self.grid[-2]
+        e3 = float(np.clip(edges[0], lo, hi - 1.0))
+        e2 = float(np.clip(edges[1], e3 + 0.5, hi))
+        self.edges = (e3, e2)
+        self.functionals = SumRuleFunctionals.from_grid(self.grid, e3, e2,
+                                                        step_width=self.step_width)
+
+    def _posterior(self) -> None:
+        f = self.functionals
+        w_d = np.stack([f.w_p, f.w_q])  # (2, G)
+        m_s, kgg_s, v_s = self.gp_s.posterior(self.grid)
+        m_d, kgg_d, v_d = self.gp_d.posterior(self.grid)
+        # Sigma @ w without forming Sigma: K w - v.T (v w).
+        c_d = kgg_d @ w_d.T - v_d.T @ (v_d @ w_d.T)  # (G, 2)
+        c_r = kgg_s @ f.w_r - v_s.T @ (v_s @ f.w_r)  # (G,)
+        var_s = np.maximum(np.diag(kgg_s) - np.einsum("ij,ij->j", v_s, v_s), 0.0)
+        var_d = np.maximum(np.diag(kgg_d) - np.einsum("ij,ij->j", v_d, v_d), 0.0)
+        self._post = dict(m_s=m_s, m_d=m_d, var_s=var_s, var_d=var_d, c_d=c_d, c_r=c_r,
+                          cov_pq=w_d @ c_d, var_r=float(f.w_r @ c_r),
+                          pq=w_d @ m_d, r=float(f.w_r @ m_s), v_s=v_s, v_d=v_d,
+                          kgg_s=kgg_s, kgg_d=kgg_d)
+
+    # -- results -------------------------------------------------------------------
+    def moments(self) -> dict[str, float]:
+        """Posterior mean and sd of m_orb, m_spin (delta method), with p, q, r, edges."""
+        post = self._require()
+        out = moments_with_uncertainty(post["pq"], post["cov_pq"], post["r"], post["var_r"],
+                                       self.n_h)
+        out.update(p=float(post["pq"][0]), q=float(post["pq"][1]), r=post["r"],
+                   e_l3=self.edges[0], e_l2=self.edges[1])
+        return out
+
+    def predict(self, energy: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Posterior mean and sd of mu+, mu- and the XMCD (mu+ - mu-) on ``energy``."""
+        self._require()
+        e = self.grid if energy is None else np.asarray(energy, dtype=float)
+        ms, ss = self.gp_s.predict(e)
+        md, sd = self.gp_d.predict(e)
+        spm = 0.5 * np.sqrt(ss**2 + sd**2)
+        return {"energy": e, "mu_plus": 0.5 * (ms + md), "mu_minus": 0.5 * (ms - md),
+                "mu_sd": spm, "xmcd": md, "xmcd_sd": sd}
+
+    def hyperparameters(self) -> dict[str, float]:
+        """Hyperparameters of both GPs, flattened (``s_length``, ``d_warp`` ...)."""
+        out = {f"s_{k}": v for k, v in self.gp_s.hyperparameters.items()}
+        out.update({f"d_{k}": v for k, v in self.gp_d.hyperparameters.items()})
+        return out
+
+    def _require(self) -> dict:
+        if self._post is None:
+            raise RuntimeError("XMCDGP used before fit()")
+        return self._post
+
+    # -- acquisition ---------------------------------------------------------------
+    def variance_reduction(self, target: str = "m_orb") -> np.ndarray:
+        """Expected reduction of the target's posterior variance for one more point
+        (both helicities) at each grid energy, with the predicted counting noise.
+
+        ``target``: ``"m_orb"``, ``"m_spin"``, ``"moments"`` (sum of both, each relative to
+        its current variance) or ``"spectrum"`` (integrated variance of s and d).
+        """
+        post = self._require()
+        noise = self.noise_per_signal * np.maximum(post["m_s"], 1e-12)
+        den_d = post["var_d"] + noise
+        den_s = post["var_s"] + noise
+        m = self.moments()
+        r, q, p = post["r"], m["q"], m["p"]
+        a = 4.0 * self.n_h / 3.0
+        dr = post["c_r"] ** 2 / den_s
+        if target in ("m_orb", "moments"):
+            dq = post["c_d"][:, 1] ** 2 / den_d
+            red_orb = a**2 * (dq / r**2 + q**2 * dr / r**4)
+            if target == "m_orb":
+                return red_orb
+        if target in ("m_spin", "moments"):
+            cu = 6 * post["c_d"][:, 0] - 4 * post["c_d"][:, 1]
+            u = 6 * p - 4 * q
+            red_spin = self.n_h**2 * (cu**2 / den_d / r**2 + u**2 * dr / r**4)
+            if target == "m_spin":
+                return red_spin
+            return (red_orb / max(m["m_orb_sd"] ** 2, 1e-300)
+                    + red_spin / max(m["m_spin_sd"] ** 2, 1e-300))
+        if target == "spectrum":
+            out = np.zeros(self.grid.size)
+            for v, kgg, den in ((post["v_s"], post["kgg_s"], den_s),
+                                (post["v_d"], post["kgg_d"], den_d)):
+                cov = kgg - v.T @ v
+                out += np.einsum("ij,ij->j", cov, cov) / den
+            return out
+        raise SmartbeamInputError(f"target={target!r}: expected 'm_orb', 'm_spin', "
+                                  "'moments' or 'spectrum'")
+
+    def predictive_variance(self) -> np.ndarray:
+        """Posterior variance of mu+ (= of mu-) on the grid: the max-variance baseline."""
+        post = self._require()
+        return 0.25 * (post["var_s"] + post["var_d"])
