@@ -1,0 +1,246 @@
+"""``smartbeam bench kde``: speed-up at equal MSE of KDE-smoothed SANS frames, and throughput.
+
+Error metric (REFERENCE.md, "SANS KDE"): per-bin chi^2-MSE = mean_b (est_b - mu_b)^2 / v_b,
+with est and mu per short scan and v_b the raw Poisson variance of one scan in bin b (the
+pixel for the 2-D map; the mean of a 1-px radial bin for sector/radial products), so that raw
+data score 1/n. Speed-up S(n) = MSE_raw(n) / MSE_est(n) = raw scans needed / scans used.
+The unweighted MSE speed-up is reported beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from sim_devices.physics.sans import SANSSample
+from smartbeam.analysis.kde import (
+    Geometry,
+    Kernel,
+    apply_kernels,
+    kde_estimate,
+    product_profile,
+    select_bandwidths,
+    smooth,
+    thin,
+)
+from smartbeam.analysis.kde_stream import FrameAccumulator
+
+__all__ = ["add_arguments", "run"]
+
+COUNTS_PER_SCAN = 3000.0
+N_SCANS = (1, 3, 10, 30, 100, 300)
+PRODUCTS = ("map", "sector", "radial")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the benchmark's options to ``parser``."""
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and scan counts")
+    parser.add_argument("--real", nargs="+", metavar="FRAME", default=[],
+                        help="raw NIST SANS .ASC frames to score by binomial thinning")
+    parser.add_argument("--reps", type=int, default=None, help="repeats per case (default 6)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-throughput", action="store_true")
+    parser.add_argument("--json", action="store_true", help="(output is always JSON)")
+
+
+def _variance_per_bin(mu: np.ndarray, g: Geometry, product: str) -> np.ndarray:
+    """Raw Poisson variance of one bin of the product for mean counts ``mu``."""
+    if product == "map":
+        return mu[g.mask]
+    bins = g.bins[product]
+    n = np.bincount(bins[bins >= 0], minlength=g.n_rbins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return product_profile(mu, g, product) / n
+
+
+def _score(est, ref, v, ok, noise=0.0):
+    d2 = (est - ref) ** 2
+    return float(np.mean(d2[ok] / v[ok]) - noise), float(np.mean(d2[ok]))
+
+
+def _case(pattern: str, g: Geometry, product: str, n: int, x: np.ndarray, mu_scan: np.ndarray,
+          v: np.ndarray, ok: np.ndarray, rng: np.random.Generator, ref_noise=(0.0, None)):
+    """chi^2 and unweighted MSE (per scan) of raw, sigma=1 and smartbeam for one draw."""
+    xf = x.astype(np.float64)
+    ref = product_profile(mu_scan, g, product)
+    res = kde_estimate(x, g, product=product, rng=rng)
+    s1, v1 = smooth(xf, g, Kernel.iso(1.0), density=mu_scan * n)
+    out = {}
+    for key, est in (("raw", xf), ("sigma1", s1), ("smartbeam", res.smoothed)):
+        chi2, plain = _score(product_profile(est / n, g, product), ref, v, ok, ref_noise[0])
+        if ref_noise[1] is not None:
+            plain -= ref_noise[1]
+        out[key] = (chi2, plain)
+    var = {"sigma1": v1 / n**2, "smartbeam": apply_kernels(xf, g, res.kernels)[1] / n**2}
+    return out, var, res
+
+
+def _variance_ratio(var: dict, mu_scan: np.ndarray, g: Geometry, n: int) -> dict:
+    """Median per-pixel ratio raw variance / smoothed variance (the seed's figure)."""
+    m = g.mask & (mu_scan > 0)
+    raw = mu_scan[m] / n
+    return {k: float(np.median(raw / np.maximum(v[m], 1e-300))) for k, v in var.items()}
+
+
+def _summarise(pattern, product, n, scores, vratios, kernels) -> dict:
+    mean = {k: np.mean([s[k] for s in scores], axis=0) for k in scores[0]}
+    raw_chi2, raw_plain = mean["raw"]
+    return {
+        "pattern": pattern, "product": product, "n_scans": int(n),
+        "speedup_mse": {k: float(raw_chi2 / max(mean[k][0], 1e-300))
+                        for k in ("sigma1", "smartbeam")},
+        "speedup_mse_unweighted": {k: float(raw_plain / max(mean[k][1], 1e-300))
+                                   for k in ("sigma1", "smartbeam")},
+        "raw_chi2_mse": float(raw_chi2), "raw_chi2_mse_expected": 1.0 / n,
+        "variance_ratio": {k: float(np.median([v[k] for v in vratios]))
+                           for k in ("sigma1", "smartbeam")},
+        "kernels_last_rep": kernels,
+        "reps": len(scores),
+    }
+
+
+def _simulated(args, n_scans, reps, rng) -> list[dict]:
+    cases = []
+    todo = [(p, prod, n) for p in ("realistic", "sharp", "anisotropic") for prod in PRODUCTS
+            for n in n_scans]
+    samples = {p: SANSSample(p, count_rate=COUNTS_PER_SCAN) for p in ("realistic", "sharp",
+                                                                        "anisotropic")}
+    for pattern, product, n in tqdm(todo, desc="kde bench (simulated)", leave=False):
+        s = samples[pattern]
+        g = Geometry(s.mask, s.beam_centre, sector=(s.lobe_angle_deg, 10.0))
+        mu_scan = s.expected_counts(1.0)
+        v = _variance_per_bin(mu_scan, g, product)
+        ok = np.isfinite(v) & (v > 0)
+        scores, vr = [], []
+        for _ in range(reps):
+            # the sum of n Poisson scans is one Poisson draw of n * mu
+            x = rng.poisson(mu_scan * n)
+            sc, var, res = _case(pattern, g, product, n, x, mu_scan, v, ok, rng)
+            scores.append(sc)
+            vr.append(_variance_ratio(var, mu_scan, g, n))
+        cases.append(_summarise(pattern, product, n, scores, vr,
+                                [k.describe() for k in res.kernels]))
+    return cases
+
+
+def _real(paths, n_scans, reps, rng) -> list[dict]:
+    from smartbeam.readers.nist_sans import read_nist_sans
+
+    cases = []
+    for path in paths:
+        fr = read_nist_sans(path)
+        x = np.rint(fr.counts).astype(np.int64)
+        ny, nx = x.shape
+        yy, xx = np.mgrid[0:ny, 0:nx]
+        r = np.hypot(xx - fr.beam_centre[0], yy - fr.beam_centre[1])
+        bstop_px = float(fr.header.get("BSTOP(mm)", 50.8)) / 2 / fr.pixel_size_mm
+        # beam stop plus a 1.5 px margin for its penumbra, and the outermost detector frame
+        mask = r > bstop_px + 1.5
+        mask[[0, -1], :] = False
+        mask[:, [0, -1]] = False
+        g = Geometry(mask, fr.beam_centre)
+        name = Path(path).name
+        for product in PRODUCTS:
+            for n in n_scans:
+                scores, vr = [], []
+                for _ in range(reps):
+                    a, b = thin(x, rng)
+                    p = n * COUNTS_PER_SCAN / a[mask].sum()
+                    if p > 1:
+                        break
+                    xs = rng.binomial(a, p)
+                    # reference: B scaled to one scan; its own Poisson noise is subtracted
+                    c = COUNTS_PER_SCAN / b[mask].sum()
+                    ref_frame = b * c
+                    pilot, _ = smooth(b.astype(float), g, Kernel.ring(1.0, 4.0))
+                    mu_scan = np.maximum(pilot * c, 1e-6)
+                    v = _variance_per_bin(mu_scan, g, product)
+                    ok = np.isfinite(v) & (v > 0)
+                    # Var(ref_b) = c * v_b in every product, so the chi^2 noise is c
+                    ref_noise = (c, float(c * np.mean(v[ok])))
+                    sc, var, res = _case(name, g, product, n, xs, ref_frame, v, ok, rng,
+                                         ref_noise)
+                    scores.append(sc)
+                    vr.append(_variance_ratio(var, mu_scan, g, n))
+                if scores:
+                    case = _summarise(name, product, n, scores, vr,
+                                      [k.describe() for k in res.kernels])
+                    case["reference"] = "binomial half of the real counts (noise subtracted)"
+                    cases.append(case)
+    return cases
+
+
+def _median_ms(fn, repeat: int) -> float:
+    t = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        t.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(t))
+
+
+def _throughput(quick: bool, rng: np.random.Generator) -> dict:
+    out = {}
+    f2048 = rng.poisson(0.5, (2048, 2048)).astype(np.int32)
+    for check in (True, False):
+        acc = FrameAccumulator(check=check)
+        ms = _median_ms(lambda acc=acc: acc.add(f2048), 10 if quick else 40)
+        out["accumulate_fps_2048" + ("" if check else "_unchecked")] = 1e3 / ms
+    f128 = rng.poisson(0.5, (128, 128)).astype(np.int32)
+    acc = FrameAccumulator()
+    out["fps_128"] = 1e3 / _median_ms(lambda: acc.add(f128), 200 if quick else 2000)
+
+    def geom(n):
+        yy, xx = np.mgrid[0:n, 0:n]
+        c = (n / 2 - 0.3, n / 2 + 0.2)
+        return Geometry(np.hypot(xx - c[0], yy - c[1]) > n / 32, c, band_width_px=n / 16)
+
+    g2048 = geom(2048)
+    x2048 = rng.poisson(2.0, (2048, 2048)).astype(np.float64)
+    rep = 3 if quick else 7
+    for sigma in (1.0, 4.0):
+        out[f"smooth_ms_2048_iso{sigma:g}"] = _median_ms(
+            lambda s=sigma: smooth(x2048, g2048, Kernel.iso(s)), rep)
+        out[f"smooth_ms_2048_iso{sigma:g}_scipy"] = _median_ms(
+            lambda s=sigma: smooth(x2048, g2048, Kernel.iso(s), backend="scipy"), rep)
+    out["smooth_ms_2048_ring"] = _median_ms(
+        lambda: smooth(x2048, g2048, Kernel.ring(1.0, 8.0)), rep)
+    out["smooth_ms_2048"] = out["smooth_ms_2048_iso1"]
+    mixed = [Kernel.iso(1.0)] * 4 + [Kernel.ring(1.0, 20.0)] * (g2048.n_bands - 4)
+    out["emit_ms_2048_mixed_with_variance"] = _median_ms(
+        lambda: apply_kernels(x2048, g2048, mixed), max(1, rep // 2))
+    g1024 = geom(1024)
+    x1024 = rng.poisson(2.0, (1024, 1024))
+    out["select_ms_1024"] = _median_ms(
+        lambda: select_bandwidths(x1024, g1024, rng=rng, n_splits=1), max(1, rep // 2))
+    iso_only = [Kernel.iso(s) for s in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)]
+    out["select_ms_1024_iso_only_6"] = _median_ms(
+        lambda: select_bandwidths(x1024, g1024, rng=rng, n_splits=1, candidates=iso_only),
+        max(1, rep // 2))
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the KDE benchmark; returns the JSON-serialisable figures."""
+    quick = bool(getattr(args, "quick", False))
+    reps = args.reps if getattr(args, "reps", None) else (2 if quick else 6)
+    n_scans = (1, 10, 100) if quick else N_SCANS
+    rng = np.random.default_rng(getattr(args, "seed", 0))
+    cv2.setNumThreads(1)
+    with threadpool_limits(limits=1):
+        t0 = time.perf_counter()
+        cases = _simulated(args, n_scans, reps, rng)
+        cases += _real(getattr(args, "real", []) or [], n_scans, reps, rng)
+        result = {"cases": cases,
+                  "counts_per_scan": COUNTS_PER_SCAN,
+                  "metric": "chi2-MSE per bin vs the true pattern; speedup = MSE_raw/MSE_est"}
+        if not getattr(args, "no_throughput", False):
+            result["throughput"] = _throughput(quick, rng)
+        result["wall_s"] = time.perf_counter() - t0
+    return result
