@@ -1,0 +1,114 @@
+"""LiveKDE with an in-process RunEngine and the simulated SANS detector."""
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+from bluesky import plan_stubs as bps
+from bluesky import preprocessors as bpp
+from bluesky.plans import count
+
+from sim_devices.ophyd_twins.sans import SimSANSDetector
+from sim_devices.physics.sans import SANSSample
+from smartbeam.callbacks.live_kde import LiveKDE
+from smartbeam.errors import SmartbeamInputError
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return SANSSample("realistic", shape=(64, 64), count_rate=3000.0, pixel_size_mm=15.0)
+
+
+def _run(det, cb, plan):
+    docs = []
+    cb.downstream = lambda name, doc: docs.append((name, doc))
+    RE = RunEngine({})
+    RE.subscribe(cb)
+    det.shutter.put("open")
+    RE(plan)
+    return docs
+
+
+def test_kde_stream_written_in_same_run(sample, tmp_path):
+    det = SimSANSDetector(sample, rng=np.random.default_rng(0))
+    png = tmp_path / "kde.png"
+    cb = LiveKDE(sample.mask, sample.beam_centre, cadence=4, png_path=png)
+    docs = _run(det, cb, count([det], num=10))
+    names = [n for n, _ in docs]
+    descs = {d["uid"]: d["name"] for n, d in docs if n == "descriptor"}
+    assert set(descs.values()) == {"primary", "kde"}
+    kde_rows = [d for n, d in docs if n == "event" and descs[d["descriptor"]] == "kde"]
+    raw_rows = [d for n, d in docs if n == "event" and descs[d["descriptor"]] == "primary"]
+    assert len(raw_rows) == 10
+    assert [r["data"]["n_exposures"] for r in kde_rows] == [4, 8, 10]
+    last = kde_rows[-1]["data"]
+    assert last["error"] == "" and last["smoothed"].shape == (64, 64)
+    assert np.all(last["variance"][sample.mask] > 0)
+    assert np.isfinite(last["cv_rel_error"]) and last["predicted_time_s"] > 0
+    assert "correlated" in last["kernel"]
+    # the stream lands before the stop, which counts it
+    stop = docs[-1][1]
+    assert names[-1] == "stop" and stop["num_events"]["kde"] == 3
+    assert png.exists() and png.stat().st_size > 0
+    desc = next(d for n, d in docs if n == "descriptor" and d["name"] == "kde")
+    assert desc["data_keys"]["smoothed"]["dims"] == ["kde_y", "kde_x"]
+
+
+def test_bad_frames_are_flagged_and_raw_kept(sample):
+    det = SimSANSDetector(sample, rng=np.random.default_rng(1))
+    cb = LiveKDE(sample.mask, sample.beam_centre, cadence=2)
+    bad = [np.full((64, 64), np.nan), -np.ones((64, 64)), np.ones((32, 32)),
+           np.full((64, 64), np.inf)]
+
+    @bpp.run_decorator()
+    def plan():
+        for i in range(6):
+            yield from bps.trigger(det, wait=True)
+            if i in (1, 2, 3, 4):
+                det.image.put(bad[i - 1])  # a corrupted frame from the detector
+            yield from bps.create("primary")
+            yield from bps.read(det)
+            yield from bps.save()
+
+    docs = _run(det, cb, plan())
+    descs = {d["uid"]: d["name"] for n, d in docs if n == "descriptor"}
+    raw = [d for n, d in docs if n == "event" and descs[d["descriptor"]] == "primary"]
+    kde = [d["data"] for n, d in docs if n == "event" and descs[d["descriptor"]] == "kde"]
+    assert len(raw) == 6
+    errors = [r["error"] for r in kde if r["error"]]
+    assert len(errors) == 4
+    assert any("finite" in e for e in errors) and any(">= 0" in e for e in errors)
+    assert any("shape" in e for e in errors)
+    good = [r for r in kde if not r["error"]]
+    assert good and good[-1]["n_exposures"] == 2
+    assert docs[-1][0] == "stop" and docs[-1][1]["exit_status"] == "success"
+
+
+def test_event_pages_are_unpacked(sample):
+    det = SimSANSDetector(sample, rng=np.random.default_rng(2))
+    det.shutter.put("open")
+    from event_model import pack_event_page
+    cb = LiveKDE(sample.mask, sample.beam_centre, cadence=3)
+    docs = []
+    RE = RunEngine({})
+    RE.subscribe(lambda n, d: docs.append((n, d)))
+    RE(count([det], num=6))
+    cb.downstream = None
+    events = [d for n, d in docs if n == "event"]
+    for n, d in docs:
+        if n == "event":
+            continue
+        if n == "descriptor":
+            cb(n, d)
+            cb("event_page", pack_event_page(*events))
+        else:
+            cb(n, d)
+    assert [r["n_exposures"] for r in cb.rows] == [3, 6]
+
+
+def test_bad_configuration(sample):
+    with pytest.raises(SmartbeamInputError, match="off the detector"):
+        LiveKDE(sample.mask, (500.0, 10.0))
+    with pytest.raises(SmartbeamInputError, match="no valid pixel"):
+        LiveKDE(np.zeros((64, 64), bool), (32, 32))
+    with pytest.raises(SmartbeamInputError, match="cadence"):
+        LiveKDE(sample.mask, sample.beam_centre, cadence=0)

@@ -1,0 +1,56 @@
+"""sans_kde_count: stops early on a strong scatterer, runs to budget on a blank."""
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+
+from sim_devices.ophyd_twins.sans import SimSANSDetector
+from sim_devices.physics.sans import SANSSample
+from smartbeam.callbacks.live_kde import LiveKDE
+from smartbeam.errors import SmartbeamInputError
+from smartbeam.plans.sans import sans_kde_count
+
+
+def _run(sample, subscribe=False, **kw):
+    det = SimSANSDetector(sample, rng=np.random.default_rng(0))
+    RE = RunEngine({})
+    docs = []
+    RE.subscribe(lambda n, d: docs.append((n, d)))
+    cb = None
+    if subscribe:
+        cb = LiveKDE(sample.mask, sample.beam_centre, cadence=5)
+        RE.subscribe(cb)
+    RE(sans_kde_count(det, **kw))
+    n = sum(1 for name, _ in docs if name == "event")
+    return det, n, docs, cb
+
+
+@pytest.mark.parametrize("subscribe", [False, True])
+def test_strong_scatterer_stops_early(subscribe):
+    sample = SANSSample("realistic", shape=(64, 64), count_rate=20000.0, pixel_size_mm=15.0)
+    det, n, docs, cb = _run(sample, subscribe, exposure=1.0, max_exposures=40,
+                            target_rel_error=0.1, cadence=2)
+    assert 0 < n < 40
+    assert det.shutter.get() == "closed"
+    assert docs[-1][1]["exit_status"] == "success"
+    if cb is not None:
+        assert cb.rows and not cb.errors
+
+
+def test_blank_runs_to_budget():
+    blank = SANSSample("realistic", shape=(64, 64), count_rate=0.0, pixel_size_mm=15.0)
+    det, n, docs, _ = _run(blank, exposure=0.5, max_exposures=12, target_rel_error=0.1,
+                           cadence=3)
+    assert n == 12
+    assert det.shutter.get() == "closed"
+
+
+def test_bad_arguments():
+    sample = SANSSample("realistic", shape=(32, 32))
+    det = SimSANSDetector(sample)
+    for kw, match in (({"exposure": 0}, "exposure"), ({"max_exposures": 0}, "max_exposures"),
+                      ({"target_rel_error": -1}, "target_rel_error"),
+                      ({"product": "ring"}, "product"),
+                      ({"beam_centre": [100.0, 3.0]}, "off the detector")):
+        with pytest.raises(SmartbeamInputError, match=match):
+            list(sans_kde_count(det, **kw))
