@@ -234,7 +234,11 @@ class XMCDGP:
         pos = s > 0
         self.noise_per_signal = float(np.median(nv[pos] / s[pos])) if pos.any() else 1e-6
         if refit or self.functionals is None:
-            if self.use_warp and self.edges is not None:
+            if self.use_warp and self.edges is None:
+                # First fit: locate the edges with a stationary model, then warp there.
+                self.gp_s.refit(e, s, nv)
+                self._locate_edges()
+            if self.use_warp:
                 self.gp_s.centres = self.gp_d.centres = self.edges
             self.gp_s.refit(e, s, nv)
             self.gp_d.refit(e, d, nv)

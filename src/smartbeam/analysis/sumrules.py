@@ -7,8 +7,8 @@ d = mu+ - mu-::
     m_orb  = -4 q n_h / (3 r)
     m_spin = -(6 p - 4 q) n_h / r          (T_z neglected)
 
-The step background is ``pre + (post - pre) * (2/3 S(E - E_L3) + 1/3 S(E - E_L2))`` with
-arctan steps S, and ``pre``/``post`` the mean of s over the first/last few eV. Given the
+The step background is ``a + c * (2/3 S(E - E_L3) + 1/3 S(E - E_L2))`` with arctan steps
+S, and (a, c) fitted by least squares to s over the first and last few eV. Given the
 edge positions, p, q and r are therefore *linear* functionals of the sampled spectra:
 :class:`SumRuleFunctionals` holds their weight vectors, so a Gaussian posterior over
 the spectra gives a Gaussian posterior over (p, q, r).
@@ -114,7 +114,7 @@ class SumRuleFunctionals:
         split
             Energy separating the L3 and L2 integrals (default: mid-point of the edges).
         level_window
-            Width (eV) of the pre- and post-edge regions whose mean sets the step levels.
+            Width (eV) of the pre- and post-edge regions that set the step levels.
         """
         e = _check_grid(energy)
         if not (e[0] < e_l3 < e_l2 < e[-1]):
@@ -127,11 +127,15 @@ class SumRuleFunctionals:
         w_q = t_all
         pre = trapezoid_weights(e, e[0], e[0] + level_window)
         post = trapezoid_weights(e, e[-1] - level_window, e[-1])
-        pre /= pre.sum()
-        post /= post.sum()
         h = step_shape(e, e_l3, e_l2, step_width)
-        # r = t.(s - b), b_i = pre.s (1 - h_i) + post.s h_i  -> linear in s.
-        w_r = t_all - pre * (t_all @ (1.0 - h)) - post * (t_all @ h)
+        # Background b = a + c h with (a, c) least squares on the pre/post windows: the
+        # arctan tails reach into the windows, so a plain mean of each would be biased.
+        wts = pre / pre.sum() + post / post.sum()
+        design = np.stack([np.ones_like(h), h])  # (2, G)
+        normal = (design * wts) @ design.T
+        coef_ops = np.linalg.solve(normal, design * wts)  # rows: a = row0 @ s, c = row1 @ s
+        # r = t.(s - b) = t.s - a sum(t) - c t.h  -> linear in s.
+        w_r = t_all - coef_ops[0] * t_all.sum() - coef_ops[1] * (t_all @ h)
         return cls(e, w_p, w_q, w_r, float(e_l3), float(e_l2))
 
     def pqr(self, d: np.ndarray, s: np.ndarray) -> np.ndarray:

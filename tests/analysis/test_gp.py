@@ -1,0 +1,149 @@
+"""GP model of XMCD spectra: posterior, shrinking uncertainty, acquisition, stopping."""
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+from sim_devices.physics.xmcd import XMCDSample, preset
+from smartbeam.analysis.acquisition import AdaptiveXMCD, CostModel, StoppingRule
+from smartbeam.analysis.gp import XMCDGP, WarpedGP
+from smartbeam.errors import SmartbeamInputError
+
+FE = preset("Fe")
+SAMPLE = XMCDSample(FE)
+
+
+def measure(e, rng, dwell=1.0):
+    out = []
+    for h in (1, -1):
+        c = SAMPLE.measure(np.atleast_1d(e), h, dwell, rng)
+        mu = c["tey"] / c["i0"]
+        out += [mu, mu**2 * (1 / c["tey"] + 1 / c["i0"])]
+    mp, vp, mm, vm = out
+    return mp, mm, vp, vm
+
+
+def test_warped_gp_interpolates_and_has_honest_sd():
+    rng = np.random.default_rng(0)
+    x = np.linspace(0, 10, 30)
+    f = np.sin(x) + 0.5 * np.exp(-((x - 5) ** 2) / 0.1)
+    y = f + rng.normal(0, 0.01, x.size)
+    gp = WarpedGP(centres=(5.0,), warp_width=0.5).refit(x, y, np.full(x.size, 1e-4))
+    xg = np.linspace(0, 10, 301)
+    fg = np.sin(xg) + 0.5 * np.exp(-((xg - 5) ** 2) / 0.1)
+    mean, sd = gp.predict(xg)
+    z = (mean - fg) / sd
+    assert np.median(np.abs(mean - fg)) < 0.02
+    assert np.mean(np.abs(z) < 2) > 0.8
+    assert gp.warp > 0  # a sharp feature at the centre: warping is preferred
+
+
+def test_posterior_sd_of_m_orb_shrinks_with_points():
+    rng = np.random.default_rng(1)
+    sds = []
+    with threadpool_limits(1):
+        for n in (20, 40, 80):
+            e = np.linspace(*FE.window, n)
+            model = XMCDGP(*FE.window, FE.n_h, edges=(FE.e_l3, FE.e_l2))
+            model.fit(e, *measure(e, rng))
+            sds.append(model.moments()["m_orb_sd"])
+    assert sds[0] > sds[1] > sds[2] > 0
+
+
+def test_dense_noisy_fit_recovers_moments():
+    rng = np.random.default_rng(2)
+    e = np.linspace(*FE.window, 121)
+    model = XMCDGP(*FE.window, FE.n_h, edges=(FE.e_l3, FE.e_l2)).fit(e, *measure(e, rng))
+    m = model.moments()
+    true = SAMPLE.true_moments()
+    assert abs(m["m_orb"] - true["m_orb"]) < 4 * m["m_orb_sd"]
+    assert m["m_spin"] == pytest.approx(true["m_spin"], rel=0.02)
+    assert m["e_l3"] == pytest.approx(true["e_l3"], abs=0.2)
+    pred = model.predict()
+    assert np.max(np.abs(pred["mu_plus"] - SAMPLE.mu(pred["energy"], 1))) < 0.1
+
+
+def test_acquisition_targets_the_edges():
+    """The m_orb variance reduction is largest near the white lines, not in the pre-edge."""
+    rng = np.random.default_rng(3)
+    e = np.linspace(*FE.window, 16)
+    model = XMCDGP(*FE.window, FE.n_h, edges=(FE.e_l3, FE.e_l2)).fit(e, *measure(e, rng))
+    red = model.variance_reduction("m_orb")
+    g = model.grid
+    near = (np.abs(g - FE.e_l3) < 4) | (np.abs(g - FE.e_l2) < 4)
+    assert red[near].max() > red[g < FE.e_l3 - 8].max()
+    for target in ("m_spin", "moments", "spectrum"):
+        assert np.all(np.isfinite(model.variance_reduction(target)))
+    with pytest.raises(SmartbeamInputError, match="target"):
+        model.variance_reduction("m_total")
+
+
+def test_cost_model_penalises_travel():
+    c = CostModel(dwell=1.0, mono_speed=2.0)
+    assert c(np.array([700.0, 710.0]), 700.0)[1] - c(np.array([700.0]), 700.0)[0] == pytest.approx(5.0)
+
+
+def run_loop(scanner, rng, max_iter=200):
+    for e in scanner.initial_design():
+        mp, mm, vp, vm = measure(e, rng)
+        scanner.tell(e, mp[0], mm[0], vp[0], vm[0])
+    cur = None
+    for _ in range(max_iter):
+        d = scanner.ask(cur)
+        if d.stop:
+            return d
+        mp, mm, vp, vm = measure(d.energy, rng)
+        scanner.tell(d.energy, mp[0], mm[0], vp[0], vm[0])
+        cur = d.energy
+    raise AssertionError("never stopped")
+
+
+def test_stop_rule_triggers_on_tolerance_and_budget():
+    rng = np.random.default_rng(4)
+    with threadpool_limits(1):
+        loose = AdaptiveXMCD(*FE.window, FE.n_h, edges=(FE.e_l3, FE.e_l2),
+                             stopping=StoppingRule(rtol=0.2, max_points=60, min_points=16))
+        d = run_loop(loose, rng)
+        assert "rtol" in d.reason and d.n_points < 60
+        assert d.moments["m_orb_sd"] <= 0.2 * abs(d.moments["m_orb"])
+        budget = AdaptiveXMCD(*FE.window, FE.n_h, stopping=StoppingRule(rtol=1e-9,
+                                                                        max_points=18))
+        d = run_loop(budget, rng)
+        assert "budget" in d.reason and d.n_points == 18
+
+
+def test_adaptive_beats_its_initial_uncertainty_and_picks_new_energies():
+    rng = np.random.default_rng(5)
+    with threadpool_limits(1):
+        sc = AdaptiveXMCD(*FE.window, FE.n_h, edges=(FE.e_l3, FE.e_l2),
+                          stopping=StoppingRule(rtol=1e-9, max_points=36))
+        run_loop(sc, rng)
+    first, last = sc.history[0], sc.history[-1]
+    assert last["m_orb_sd"] < 0.2 * first["m_orb_sd"]
+    chosen = sc.data["energy"][sc.n_init:]
+    assert np.mean(np.abs(chosen - FE.e_l3) < 6) > 0.25
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(e_min=740.0), "e_min"),
+    (dict(strategy="random"), "strategy"),
+    (dict(stopping=StoppingRule(max_points=5)), "max_points"),
+])
+def test_scanner_bad_input(kwargs, match):
+    args = dict(e_min=695.0, e_max=735.0, n_h=3.39)
+    args.update(kwargs)
+    with pytest.raises(SmartbeamInputError, match=match):
+        AdaptiveXMCD(**args)
+
+
+def test_stopping_rule_rejects_bad_tolerance():
+    with pytest.raises(SmartbeamInputError, match="rtol"):
+        StoppingRule(rtol=0.0)
+    with pytest.raises(SmartbeamInputError, match="atol"):
+        StoppingRule(atol=-1.0)
+
+
+def test_tell_rejects_nan():
+    sc = AdaptiveXMCD(695.0, 735.0, 3.39)
+    with pytest.raises(SmartbeamInputError, match="NaN"):
+        sc.tell(700.0, float("nan"), 1.0, 1e-6, 1e-6)
