@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,9 @@ class Storage:
 
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self.server = SimpleTiledServer(self.data_dir, api_key=_stable_api_key(self.data_dir))
+            # The server thread is not a daemon and the interpreter joins such threads
+            # *before* atexit handlers run: register the close where it runs first.
+            threading._register_atexit(self.close)
             self.client = from_uri(self.server.uri)
         self._runs = self._runs_container()
         return self

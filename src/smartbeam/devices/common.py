@@ -105,9 +105,9 @@ def connect_devices(*devices: Device, timeout: float = 5.0) -> None:
             device.wait_for_connection(timeout=timeout)
         except TimeoutError:
             missing = [
-                sig.pvname
-                for _, sig in device.walk_signals()
-                if hasattr(sig, "pvname") and not sig.connected
+                walk.item.pvname
+                for walk in device.walk_signals()
+                if hasattr(walk.item, "pvname") and not walk.item.connected
             ]
             shown = ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else "")
             raise DeviceConnectionError(
