@@ -45,7 +45,8 @@ class CostModel:
 
     def __call__(self, energy: np.ndarray, current: float | None) -> np.ndarray:
         """Cost of measuring at each of ``energy`` starting from ``current``."""
-        travel = 0.0 if current is None else np.abs(np.asarray(energy) - current) / self.mono_speed
+        e = np.asarray(energy, dtype=float)
+        travel = np.zeros_like(e) if current is None else np.abs(e - current) / self.mono_speed
         return 2 * self.dwell + self.pol_switch + self.move_overhead + travel
 
 

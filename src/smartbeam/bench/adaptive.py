@@ -1,0 +1,390 @@
+"""Benchmark: points needed to know m_orb within 3 %, for several XMCD scan strategies.
+
+Every strategy measures both helicities at the energies it picks, on the same simulated
+sample (``sim_devices.physics.xmcd``), with the same noise seed. Designs are judged at
+checkpoint sizes N with one estimator (the warped GP of ``smartbeam.analysis.gp``, fresh
+hyperparameter fit) so that the strategies differ only in *where* they measure; the
+``smartbeam`` strategy is judged by its own running estimate (the one its stopping rule
+and the plan report). ``points`` = the smallest checkpoint N from which |m_orb error| stays
+<= 3 % up to the budget (null if never), against the noiseless 201-point dense analysis.
+
+Strategies: ``uniform`` grid; ``expert_grid`` (dense near the *tabulated* edges);
+``max_variance`` (Ueno et al. 2018: largest predictive variance of a stationary GP with
+refits); ``bluesky_adaptive_scan`` (a faithful re-implementation of the step rule of
+``bluesky.plans.adaptive_scan`` driven on the simulator, on mu_iso, family over
+``target_delta``); ``gpcam`` (gpCAM ``GPOptimizer`` variance acquisition, if installed);
+``smartbeam`` (m_orb variance reduction per unit cost, warped GP, scheduled refits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+import numpy as np
+
+__all__ = ["add_arguments", "run"]
+
+STRATEGY_NAMES = ("uniform", "expert_grid", "max_variance", "bluesky_adaptive_scan", "gpcam",
+                  "smartbeam")
+REL_TOL = 0.03
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the benchmark's command-line options to ``parser``."""
+    parser.add_argument("--seeds", type=int, default=50, help="noise seeds per case (50)")
+    parser.add_argument("--truth", nargs="*", default=None, metavar="FILE.json",
+                        help="truth files (XMCDTruth JSON); default: Fe, Co presets with "
+                             "edges as tabulated and shifted +-2 eV, and the edrixs Fe2+ ion")
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced run: 4 seeds, Fe and Fe+2 eV, budget 48")
+    parser.add_argument("--max-points", type=int, default=64, help="point budget (64)")
+    parser.add_argument("--dwell", type=float, default=1.0, help="dwell per helicity (s)")
+    parser.add_argument("--tol", type=float, default=0.015,
+                        help="relative tolerance of the smartbeam stopping rule (0.015)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (2)")
+    parser.add_argument("--strategies", nargs="*", default=list(STRATEGY_NAMES),
+                        choices=STRATEGY_NAMES)
+    parser.add_argument("--json", action="store_true", help="print JSON only (CLI)")
+
+
+# -- simulation helpers ------------------------------------------------------------
+def _cases(args) -> list[dict]:
+    from sim_devices.physics.xmcd import XMCDTruth, preset
+
+    if args.truth:
+        truths = [XMCDTruth.from_json(p) for p in args.truth]
+        # The tabulated edges of a user truth are its own (unshifted) parameters.
+        return [dict(truth=t.to_dict(), hint=_hint(t)) for t in truths]
+    if args.quick:
+        specs = [("Fe", 0.0), ("Fe", 2.0)]
+    else:
+        specs = [("Fe", 0.0), ("Fe", 2.0), ("Fe", -2.0), ("Co", 0.0), ("Co", -2.0),
+                 ("Fe2+_edrixs", 0.0)]
+    out = []
+    for name, shift in specs:
+        base = preset(name)
+        out.append(dict(truth=base.shifted(shift).to_dict(), hint=_hint(base)))
+    return out
+
+
+def _hint(truth) -> tuple[float, float]:
+    """Tabulated edges: what the user would type (without the unknown offset)."""
+    return (truth.e_l3, truth.e_l2)
+
+
+def _measure(sample, e, rng, dwell):
+    out = []
+    for h in (1, -1):
+        c = sample.measure(np.atleast_1d(float(e)), h, dwell, rng)
+        mu = float(c["tey"][0] / c["i0"][0])
+        out += [mu, mu**2 * (1.0 / max(c["tey"][0], 1) + 1.0 / c["i0"][0])]
+    mp, vp, mm, vm = out
+    return mp, mm, vp, vm
+
+
+def _checkpoints(n_init: int, budget: int) -> list[int]:
+    pts = [12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 100, 128, 160, 200]
+    return [n for n in pts if n_init <= n <= budget]
+
+
+def _fit_estimate(truth, hint, data) -> dict:
+    from smartbeam.analysis.gp import XMCDGP
+
+    m = XMCDGP(*truth.window, truth.n_h, edges=hint)
+    m.fit(data[:, 0], data[:, 1], data[:, 2], data[:, 3], data[:, 4])
+    return m.moments()
+
+
+def _expert_design(n: int, window, hint) -> np.ndarray:
+    """Quantiles of a density 1 + 6 x (Gaussian bumps of 2.5 eV at the tabulated edges)."""
+    e = np.linspace(*window, 2001)
+    dens = 1.0 + 6.0 * sum(np.exp(-0.5 * ((e - c) / 2.5) ** 2) for c in hint)
+    cdf = np.cumsum(dens)
+    cdf = (cdf - cdf[0]) / (cdf[-1] - cdf[0])
+    return np.interp(np.linspace(0, 1, n), cdf, e)
+
+
+def _adaptive_scan_design(sample, window, target_delta, rng, dwell, budget):
+    """bluesky.plans.adaptive_scan's step rule (bluesky 1.15), re-implemented verbatim on
+    mu_iso; both helicities are counted at each visited energy (backsteps included)."""
+    start, stop = window
+    min_step, max_step, backstep, threshold = 0.2, 4.0, True, 0.8
+    next_pos, step, past = start, (max_step - min_step) / 2, None
+    rows = []
+    while next_pos < stop and len(rows) < budget:
+        mp, mm, vp, vm = _measure(sample, next_pos, rng, dwell)
+        rows.append((next_pos, mp, mm, vp, vm))
+        cur = 0.5 * (mp + mm)
+        if past is None:
+            past = cur
+            next_pos += step
+            continue
+        slope = abs(cur - past) / step
+        new_step = np.clip(target_delta / slope, min_step, max_step) if slope else min(
+            step * 1.1, max_step)
+        if backstep and new_step < step * threshold:
+            next_pos -= step
+            step = new_step
+        else:
+            past = cur
+            step = 0.2 * new_step + 0.8 * step
+        next_pos += step
+    return np.array(rows)
+
+
+def _gpcam_sequence(sample, window, rng, dwell, budget, n_init):
+    import warnings
+
+    from gpcam import GPOptimizer
+
+    warnings.filterwarnings("ignore", module="fvgp")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    e0 = np.linspace(*window, n_init)
+    rows = [(e, *_measure(sample, e, rng, dwell)) for e in e0]
+    arr = np.array(rows)
+    y = 0.5 * (arr[:, 1] + arr[:, 2])
+    nv = 0.25 * (arr[:, 3] + arr[:, 4])
+    opt = GPOptimizer(arr[:, :1], y, noise_variances=nv)
+    bounds = np.array([[1e-3, 1e3], [0.1, 50.0]])
+    opt.train(hyperparameter_bounds=bounds, method="local")
+    while len(rows) < budget:
+        nxt = opt.ask(np.array([list(window)]), acquisition_function="variance",
+                      method="global", max_iter=20)
+        e = float(np.clip(np.ravel(nxt["x"])[0], *window))
+        mp, mm, vp, vm = _measure(sample, e, rng, dwell)
+        rows.append((e, mp, mm, vp, vm))
+        opt.tell(np.array([[e]]), np.array([0.5 * (mp + mm)]),
+                 noise_variances=np.array([0.25 * (vp + vm)]))
+        if len(rows) % 4 == 0:
+            opt.train(hyperparameter_bounds=bounds, method="local")
+    return np.array(rows)
+
+
+def _one(task: dict) -> dict:
+    """Run every strategy for one (case, seed); returns per-strategy records."""
+    from threadpoolctl import threadpool_limits
+
+    from sim_devices.physics.xmcd import XMCDSample, XMCDTruth
+    from smartbeam.analysis.acquisition import AdaptiveXMCD, CostModel, StoppingRule
+
+    truth = XMCDTruth.from_dict(task["truth"])
+    hint = tuple(task["hint"])
+    sample = XMCDSample(truth)
+    true = sample.true_moments()
+    budget, dwell, seed = task["budget"], task["dwell"], task["seed"]
+    n_init = 12
+    cps = _checkpoints(n_init, budget)
+    cost = CostModel(dwell=dwell)
+    out: dict[str, dict] = {}
+
+    def judge(est_at: dict[int, dict], energies=None) -> dict:
+        ns = sorted(est_at)
+        err = {n: est_at[n]["m_orb"] / true["m_orb"] - 1 for n in ns}
+        ok = [abs(err[n]) <= REL_TOL for n in ns]
+        need = None
+        for i, n in enumerate(ns):
+            if all(ok[i:]):
+                need = n
+                break
+        ref = need if need is not None else ns[-1]
+        rec = {"points": need,
+               "m_orb_rel_err": {str(n): float(err[n]) for n in ns},
+               "m_spin_rel_err_at_points": float(abs(est_at[ref]["m_spin"] / true["m_spin"] - 1)),
+               "covered": [bool(abs(est_at[n]["m_orb"] - true["m_orb"]) <= est_at[n]["m_orb_sd"])
+                           for n in ns if n >= 20]}
+        if energies is not None and need is not None:
+            e = np.asarray(energies[:need])
+            rec["beam_time_s"] = float(sum(cost(np.array([e[i]]), e[i - 1] if i else None)[0]
+                                           for i in range(e.size)))
+        return rec
+
+    rng_of = lambda k: np.random.default_rng([seed, k])  # noqa: E731 - same noise per strategy
+
+    with threadpool_limits(1):
+        strategies = task["strategies"]
+        if "uniform" in strategies:
+            rng = rng_of(0)
+            est = {}
+            for n in cps:
+                e = np.linspace(*truth.window, n)
+                data = np.array([(x, *_measure(sample, x, rng, dwell)) for x in e])
+                est[n] = _fit_estimate(truth, hint, data)
+            out["uniform"] = judge(est)
+        if "expert_grid" in strategies:
+            rng = rng_of(1)
+            est = {}
+            for n in cps:
+                e = _expert_design(n, truth.window, hint)
+                data = np.array([(x, *_measure(sample, x, rng, dwell)) for x in e])
+                est[n] = _fit_estimate(truth, hint, data)
+            out["expert_grid"] = judge(est)
+        for name, strat in (("max_variance", "max_variance"), ("smartbeam", "smartbeam")):
+            if name not in strategies:
+                continue
+            rng = rng_of(2 if strat == "max_variance" else 5)
+            sc = AdaptiveXMCD(*truth.window, truth.n_h, edges=hint, strategy=strat,
+                              n_init=n_init, cost=cost,
+                              stopping=StoppingRule(rtol=task["tol"], max_points=budget,
+                                                    min_points=n_init + 4))
+            for e in sc.initial_design():
+                sc.tell(e, *_measure(sample, e, rng, dwell))
+            own, lat, cur, stop_at = {}, [], None, None
+            while True:
+                d = sc.ask(cur)
+                lat.append(d.latency_ms)
+                if d.n_points in cps:
+                    own[d.n_points] = d.moments
+                if d.stop and stop_at is None and "budget" not in d.reason:
+                    stop_at = (d.n_points, d.moments)
+                if sc.n_points >= budget:
+                    break
+                cur = d.energy
+                sc.tell(d.energy, *_measure(sample, d.energy, rng, dwell))
+            if strat == "max_variance":
+                data = np.column_stack([sc.data[k] for k in ("energy", "mu_plus", "mu_minus",
+                                                             "var_plus", "var_minus")])
+                est = {n: _fit_estimate(truth, hint, data[:n]) for n in cps}
+                out[name] = judge(est, sc.data["energy"])
+            else:
+                out[name] = judge(own, sc.data["energy"])
+                out[name]["latency_ms"] = lat
+                if stop_at is not None:
+                    n, m = stop_at
+                    out[name]["stop"] = {"points": n,
+                                         "m_orb_rel_err": float(m["m_orb"] / true["m_orb"] - 1),
+                                         "m_spin_rel_err": float(m["m_spin"] / true["m_spin"] - 1)}
+                else:
+                    out[name]["stop"] = {"points": None}
+        if "bluesky_adaptive_scan" in strategies:
+            rng = rng_of(3)
+            est = {}
+            for td in np.geomspace(0.8, 0.02, 14):
+                data = _adaptive_scan_design(sample, truth.window, td, rng, dwell, 10 * budget)
+                n = len(data)
+                if n < 8 or n > budget:
+                    continue
+                order = np.argsort(data[:, 0], kind="stable")
+                est[n] = _fit_estimate(truth, hint, data[order])
+            out["bluesky_adaptive_scan"] = judge(est) if est else {"points": None,
+                                                                    "covered": [],
+                                                                    "m_spin_rel_err_at_points": float("nan")}
+        if "gpcam" in strategies and task["gpcam_ok"]:
+            rng = rng_of(4)
+            try:
+                data = _gpcam_sequence(sample, truth.window, rng, dwell, budget, n_init)
+                est = {n: _fit_estimate(truth, hint, data[:n]) for n in cps}
+                out["gpcam"] = judge(est, data[:, 0])
+            except Exception as exc:  # report, don't kill the benchmark
+                out["gpcam"] = {"error": repr(exc)}
+    return {"case": task["case"], "seed": seed, "true": true, "strategies": out}
+
+
+def _gpcam_available() -> tuple[bool, str]:
+    try:
+        import gpcam  # noqa: F401
+    except Exception as exc:
+        return False, f"gpcam not importable: {exc!r}"
+    return True, f"gpcam {gpcam.__version__}"
+
+
+def _summarise(records: list[dict], strategy: str, dwell: float) -> dict:
+    recs = [r["strategies"][strategy] for r in records if strategy in r["strategies"]]
+    recs = [r for r in recs if "error" not in r]
+    if not recs:
+        return {"points_median": None, "points_p90": None, "m_spin_rel_err_median": None,
+                "coverage_68": None, "dwell_s_median": None, "n_runs": 0}
+    pts = np.array([np.inf if r["points"] is None else r["points"] for r in recs], float)
+
+    def q(x, p):
+        v = float(np.percentile(x, p, method="higher"))
+        return None if not np.isfinite(v) else int(v)
+
+    cov = [c for r in recs for c in r["covered"]]
+    out = {"points_median": q(pts, 50), "points_p90": q(pts, 90),
+           "m_spin_rel_err_median": float(np.median([r["m_spin_rel_err_at_points"]
+                                                      for r in recs])),
+           "coverage_68": float(np.mean(cov)) if cov else None,
+           "dwell_s_median": (None if q(pts, 50) is None else 2 * dwell * q(pts, 50)),
+           "budget_ran_out_fraction": float(np.mean(~np.isfinite(pts))), "n_runs": len(recs)}
+    bt = [r["beam_time_s"] for r in recs if "beam_time_s" in r]
+    if bt:
+        out["beam_time_s_median_when_reached"] = float(np.median(bt))
+    if strategy == "smartbeam":
+        stops = [r["stop"] for r in recs]
+        sp = [s["points"] for s in stops if s["points"] is not None]
+        errs = [abs(s["m_orb_rel_err"]) for s in stops if s["points"] is not None]
+        out["stop_rule"] = {
+            "fired_fraction": len(sp) / len(stops),
+            "points_median": int(np.median(sp)) if sp else None,
+            "m_orb_abs_rel_err_median": float(np.median(errs)) if errs else None,
+            "m_orb_abs_rel_err_p90": float(np.percentile(errs, 90)) if errs else None,
+            "within_3pct_fraction": float(np.mean(np.array(errs) <= REL_TOL)) if errs else None,
+            "m_spin_abs_rel_err_median": float(np.median([abs(s["m_spin_rel_err"]) for s in stops
+                                                          if s["points"] is not None]))
+            if sp else None}
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the benchmark and return the JSON-serialisable figures."""
+    from tqdm import tqdm
+
+    if args.quick:
+        args.seeds = min(args.seeds, 4)
+        args.max_points = min(args.max_points, 48)
+    gp_ok, gp_msg = _gpcam_available()
+    cases = _cases(args)
+    tasks = []
+    for ci, case in enumerate(cases):
+        for seed in range(args.seeds):
+            tasks.append(dict(case=ci, seed=seed, truth=case["truth"], hint=case["hint"],
+                              budget=args.max_points, dwell=args.dwell, tol=args.tol,
+                              strategies=list(args.strategies), gpcam_ok=gp_ok))
+    t0 = time.perf_counter()
+    records = []
+    with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        futs = [pool.submit(_one, t) for t in tasks]
+        for f in tqdm(as_completed(futs), total=len(futs), desc="bench adaptive",
+                      file=sys.stderr):
+            records.append(f.result())
+    result_cases = []
+    for ci, case in enumerate(cases):
+        recs = [r for r in records if r["case"] == ci]
+        truth = case["truth"]
+        strategies = {s: _summarise(recs, s, args.dwell) for s in args.strategies}
+        if "gpcam" in strategies and not gp_ok:
+            strategies["gpcam"] = {"unavailable": gp_msg, "points_median": None,
+                                   "points_p90": None, "m_spin_rel_err_median": None,
+                                   "coverage_68": None, "dwell_s_median": None}
+        result_cases.append({"truth": truth["name"], "kind": truth["kind"],
+                             "edge_shift_eV": float(truth["edge_offset"]),
+                             "true_m_orb": recs[0]["true"]["m_orb"] if recs else None,
+                             "true_m_spin": recs[0]["true"]["m_spin"] if recs else None,
+                             "strategies": strategies})
+    lat = np.array([x for r in records for x in r["strategies"].get("smartbeam", {})
+                    .get("latency_ms", [])])
+    return {
+        "cases": result_cases,
+        "latency_ms": {"median": float(np.median(lat)) if lat.size else None,
+                       "p95": float(np.percentile(lat, 95)) if lat.size else None,
+                       "max": float(lat.max()) if lat.size else None,
+                       "max_points": args.max_points, "blas_threads": 1},
+        "settings": {"seeds": args.seeds, "max_points": args.max_points, "dwell_s": args.dwell,
+                     "rel_tol_judged": REL_TOL, "smartbeam_stop_rtol": args.tol,
+                     "noise": "Poisson, flux 3e6/s x dwell: ~0.1 % of the edge jump per point",
+                     "gpcam": gp_msg,
+                     "bluesky_adaptive_scan": "faithful re-implementation of the bluesky 1.15 "
+                                              "step rule on the simulator (mu_iso), family "
+                                              "over target_delta",
+                     "wall_s": round(time.perf_counter() - t0, 1)},
+    }
+
+
+def _truth_fields() -> list[str]:  # pragma: no cover - documentation helper
+    from sim_devices.physics.xmcd import XMCDTruth
+
+    return [f.name for f in dataclasses.fields(XMCDTruth)]
