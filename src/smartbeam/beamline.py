@@ -56,10 +56,20 @@ class Beamline:
         self.ioc_args = ioc_args or {}
         self.log_dir = Path(log_dir) if log_dir else None
         self.iocs: dict = {}
+        self.prefixes: dict[str, str] = {}
         self.devices: dict = {}
 
     def start(self, connect_timeout: float = 10.0) -> dict:
         """Start twins (in simulation), configure CA, create and connect the devices."""
+        self.start_iocs()
+        self.devices = make_devices(self.prefixes, connect_timeout=connect_timeout)
+        return self.devices
+
+    def start_iocs(self) -> dict[str, str]:
+        """Start the twins (in simulation) and configure CA; returns the PV prefixes.
+
+        Call this before ophyd is imported: pyepics reads the address list then.
+        """
         prefixes = {}
         if self.sim:
             from sim_devices.launcher import IOCProcess
@@ -82,8 +92,8 @@ class Beamline:
                 if key not in os.environ:
                     raise ValueError(f"SMARTBEAM_SIM=0 needs {key} (the PV prefix of the {inst} IOC)")
                 prefixes[inst] = os.environ[key]
-        self.devices = make_devices(prefixes, connect_timeout=connect_timeout)
-        return self.devices
+        self.prefixes = prefixes
+        return prefixes
 
     def stop(self) -> None:
         """Stop every twin IOC this beamline started."""

@@ -1,0 +1,25 @@
+# smartbeam beamline session, part 1: EPICS, RunEngine, run store.
+#
+# Environment: SMARTBEAM_SIM=1 (default) starts the simulated twins on loopback;
+# SMARTBEAM_SIM=0 with SMARTBEAM_PREFIX_XMCD/_STXM/_SANS uses the beamline's IOCs.
+# SMARTBEAM_DATA_DIR / SMARTBEAM_TILED_URI choose the run store, SMARTBEAM_MD_DIR where
+# scan_id and other RunEngine metadata persist.
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg" if not os.environ.get("DISPLAY") else "QtAgg")
+
+from smartbeam.beamline import Beamline  # noqa: E402
+
+# The twins (or the site's address list) must be set up before ophyd is imported.
+beamline = Beamline(time_scale=float(os.environ.get("SMARTBEAM_TIME_SCALE", "1.0")))
+beamline.start_iocs()
+
+from bluesky.callbacks.best_effort import BestEffortCallback  # noqa: E402
+
+from smartbeam.session import make_run_engine, open_storage  # noqa: E402
+
+RE = make_run_engine()
+store = open_storage()
+bec = BestEffortCallback()
+RE.subscribe(bec)
+print(f"smartbeam: runs go to {store.location}; scan_id is at {RE.md.get('scan_id', 0)}")

@@ -1,0 +1,48 @@
+"""Pieces of a beamline session shared by the IPython profile, the queueserver worker
+and the demo: RunEngine with persisted metadata, the run store, the callback chain."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["make_run_engine", "metadata_dir", "open_storage"]
+
+
+def metadata_dir() -> Path:
+    """Where RunEngine metadata (scan_id, proposal, user) persists between sessions."""
+    env = os.environ.get("SMARTBEAM_MD_DIR")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("smartbeam")) / "runengine-md"
+
+
+def make_run_engine(md_dir: str | os.PathLike | None = None, **kwargs):
+    """A RunEngine whose metadata survives restarts (scan_id keeps counting).
+
+    Parameters
+    ----------
+    md_dir
+        Directory of the persistent metadata (default :func:`metadata_dir`).
+    **kwargs
+        Passed to :class:`bluesky.RunEngine`.
+    """
+    from bluesky import RunEngine
+    from bluesky.utils import PersistentDict
+
+    path = Path(md_dir) if md_dir else metadata_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    RE = RunEngine({}, **kwargs)
+    RE.md = PersistentDict(str(path))
+    return RE
+
+
+def open_storage(data_dir: str | os.PathLike | None = None):
+    """Open the run store: ``$SMARTBEAM_TILED_URI`` (+ ``$TILED_API_KEY``) if set, else the
+    embedded default in ``data_dir`` / ``$SMARTBEAM_DATA_DIR`` / the user data dir."""
+    from .storage import Storage
+
+    uri = os.environ.get("SMARTBEAM_TILED_URI")
+    return Storage(data_dir, uri=uri).open()
