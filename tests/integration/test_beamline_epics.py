@@ -90,7 +90,7 @@ def test_energy_outside_limits_refused_before_motion(beamline_devices, storage, 
     # Through a plan: the run that tried it is closed with exit status "fail", not
     # left half-written.
     RE.subscribe(storage.writer())
-    with pytest.raises(Exception):
+    with pytest.raises(LimitError):
         RE(list_scan([xmcd], xmcd.energy, [1200.0]), sample="limits-check")
     (run,) = find_runs(storage.runs, sample="limits-check")
     assert run.metadata["stop"]["exit_status"] == "fail"
