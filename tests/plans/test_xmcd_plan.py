@@ -113,3 +113,21 @@ def test_nan_detector_twice_stops_keeping_data(setup):
     assert np.isfinite(primary[0][st.tey.name])
     dec = _stream(docs, "decisions")
     assert "NaN" in dec[-1]["decision_stop_reason"]
+
+
+def test_live_plot_callback_saves_png(setup, tmp_path):
+    from smartbeam.callbacks.xmcd_plot import XMCDLivePlot
+
+    RE, docs, st = setup
+    plot = XMCDLivePlot.for_endstation(st, png_path=tmp_path / "xmcd.png", update_every=50)
+    RE.subscribe(plot)
+    RE(xmcd_adaptive_scan(st, *FE.window, edges=[FE.e_l3, FE.e_l2], n_h=FE.n_h, tol=0.1,
+                          max_points=24, n_init=12))
+    assert plot.errors == []
+    n = _stream(docs, "moments")[0]["moments_n_points"]
+    assert len(plot.points) == n
+    assert len(plot.history) == len(_stream(docs, "decisions"))
+    assert plot.saved_path == tmp_path / "xmcd.png"
+    assert (tmp_path / "xmcd.png").stat().st_size > 10_000
+    pred = plot.model.predict()
+    assert np.all(pred["mu_sd"] > 0)
