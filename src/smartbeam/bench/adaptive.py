@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="worker processes (2)")
     parser.add_argument("--strategies", nargs="*", default=list(STRATEGY_NAMES),
                         choices=STRATEGY_NAMES)
+    parser.add_argument("--equal-dwell", type=int, default=0, metavar="N",
+                        help="also compare smartbeam (N points) with a 201-point dense scan "
+                             "of the same total dwell, on the first truth (0: skip)")
     parser.add_argument("--json", action="store_true", help="print JSON only (CLI)")
 
 
@@ -283,6 +286,47 @@ def _one(task: dict) -> dict:
     return {"case": task["case"], "seed": seed, "true": true, "strategies": out}
 
 
+def _equal_dwell_one(task: dict) -> dict:
+    """Same total dwell: smartbeam with ``n`` points vs a 201-point dense uniform scan
+    (conventional trapezoid sum rules, and the GP estimator on the same dense data)."""
+    from threadpoolctl import threadpool_limits
+
+    from sim_devices.physics.xmcd import XMCDSample, XMCDTruth
+    from smartbeam.analysis.acquisition import AdaptiveXMCD, CostModel, StoppingRule
+    from smartbeam.analysis.sumrules import sum_rules
+
+    truth = XMCDTruth.from_dict(task["truth"])
+    hint = tuple(task["hint"])
+    sample = XMCDSample(truth)
+    true = sample.true_moments()
+    n, dwell, seed = task["n"], task["dwell"], task["seed"]
+    dense_dwell = dwell * n / 201
+    out = {}
+    with threadpool_limits(1):
+        rng = np.random.default_rng([seed, 10])
+        e = sample.dense_grid(201)
+        data = np.array([(x, *_measure(sample, x, rng, dense_dwell)) for x in e])
+        conv = sum_rules(e, data[:, 1], data[:, 2], truth.n_h, edge_hint=hint)
+        out["dense_trapezoid"] = (conv.m_orb, conv.m_spin)
+        gp = _fit_estimate(truth, hint, data)
+        out["dense_gp"] = (gp["m_orb"], gp["m_spin"])
+        rng = np.random.default_rng([seed, 11])
+        sc = AdaptiveXMCD(*truth.window, truth.n_h, edges=hint, n_init=12,
+                          cost=CostModel(dwell=dwell),
+                          stopping=StoppingRule(rtol=1e-9, max_points=n))
+        for x in sc.initial_design():
+            sc.tell(x, *_measure(sample, x, rng, dwell))
+        cur = None
+        while True:
+            d = sc.ask(cur)
+            if d.stop:
+                break
+            cur = d.energy
+            sc.tell(d.energy, *_measure(sample, d.energy, rng, dwell))
+        out["smartbeam"] = (d.moments["m_orb"], d.moments["m_spin"])
+    return {k: (v[0] / true["m_orb"] - 1, v[1] / true["m_spin"] - 1) for k, v in out.items()}
+
+
 def _gpcam_available() -> tuple[bool, str]:
     try:
         import gpcam  # noqa: F401
@@ -365,6 +409,21 @@ def run(args: argparse.Namespace) -> dict:
                              "true_m_orb": recs[0]["true"]["m_orb"] if recs else None,
                              "true_m_spin": recs[0]["true"]["m_spin"] if recs else None,
                              "strategies": strategies})
+    equal = None
+    if args.equal_dwell:
+        eq_tasks = [dict(truth=cases[0]["truth"], hint=cases[0]["hint"], n=args.equal_dwell,
+                         dwell=args.dwell, seed=seed) for seed in range(args.seeds)]
+        with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
+            eq = list(tqdm(pool.map(_equal_dwell_one, eq_tasks), total=len(eq_tasks),
+                           desc="equal dwell", file=sys.stderr))
+        equal = {"truth": cases[0]["truth"]["name"], "smartbeam_points": args.equal_dwell,
+                 "dense_points": 201, "total_dwell_s": 2 * args.dwell * args.equal_dwell}
+        for k in eq[0]:
+            errs = np.abs(np.array([r[k] for r in eq]))
+            equal[k] = {"m_orb_abs_rel_err_median": float(np.median(errs[:, 0])),
+                        "m_orb_abs_rel_err_p90": float(np.percentile(errs[:, 0], 90)),
+                        "m_orb_rms_rel_err": float(np.sqrt(np.mean(errs[:, 0] ** 2))),
+                        "m_spin_abs_rel_err_median": float(np.median(errs[:, 1]))}
     lat = np.array([x for r in records for x in r["strategies"].get("smartbeam", {})
                     .get("latency_ms", [])])
     return {
@@ -373,6 +432,7 @@ def run(args: argparse.Namespace) -> dict:
                        "p95": float(np.percentile(lat, 95)) if lat.size else None,
                        "max": float(lat.max()) if lat.size else None,
                        "max_points": args.max_points, "blas_threads": 1},
+        "equal_dwell": equal,
         "settings": {"seeds": args.seeds, "max_points": args.max_points, "dwell_s": args.dwell,
                      "rel_tol_judged": REL_TOL, "smartbeam_stop_rtol": args.tol,
                      "noise": "Poisson, flux 3e6/s x dwell: ~0.1 % of the edge jump per point",
