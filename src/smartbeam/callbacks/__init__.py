@@ -1,5 +1,7 @@
 """Document-stream consumers that turn raw events into derived streams of the same run."""
 
 from .derived import DerivedStreamRouter, data_key_for
+from .live_kde import LiveKDE
+from .xmcd_plot import XMCDLivePlot
 
-__all__ = ["DerivedStreamRouter", "data_key_for"]
+__all__ = ["DerivedStreamRouter", "LiveKDE", "XMCDLivePlot", "data_key_for"]

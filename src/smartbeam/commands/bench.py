@@ -36,9 +36,11 @@ def run_benchmark(name: str, argv: list[str]) -> tuple[dict, bool]:
         module = importlib.import_module(f"smartbeam.bench.{name}")
     except ModuleNotFoundError as exc:
         raise ValueError(f"benchmark {name!r} is not available in this installation ({exc})") from None
-    parser = argparse.ArgumentParser(prog=f"smartbeam bench {name}", description=BENCHMARKS[name])
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON only")
+    # "resolve": a benchmark may declare --json itself; ours (the same flag) wins.
+    parser = argparse.ArgumentParser(prog=f"smartbeam bench {name}", description=BENCHMARKS[name],
+                                     conflict_handler="resolve")
     module.add_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON only")
     args = parser.parse_args(argv)
     return module.run(args), args.json
 
