@@ -3,3 +3,10 @@ from bluesky.plans import count, grid_scan, list_scan, rel_scan, scan  # noqa: F
 from bluesky.plan_stubs import mv, mvr, sleep  # noqa: F401
 
 from smartbeam.plans import *  # noqa: F401,F403
+
+# Queueserver: admin-only plans (kept from the primary group by user_group_permissions.yaml),
+# and plan signatures with real types instead of postponed-annotation strings.
+from smartbeam.queue import make_admin_plans, resolve_plan_annotations
+
+globals().update(make_admin_plans(RE))
+resolve_plan_annotations(globals())

@@ -22,20 +22,22 @@ def metadata_dir() -> Path:
 def make_run_engine(md_dir: str | os.PathLike | None = None, **kwargs):
     """A RunEngine whose metadata survives restarts (scan_id keeps counting).
 
+    The metadata lives in Redis when ``$SMARTBEAM_REDIS_URL`` is set (queueserver
+    deployments), else in a local directory; see :func:`smartbeam.metadata.persistent_metadata`.
+
     Parameters
     ----------
     md_dir
-        Directory of the persistent metadata (default :func:`metadata_dir`).
+        Directory of the file-backed metadata (default :func:`metadata_dir`); unused with Redis.
     **kwargs
         Passed to :class:`bluesky.RunEngine`.
     """
     from bluesky import RunEngine
-    from bluesky.utils import PersistentDict
 
-    path = Path(md_dir) if md_dir else metadata_dir()
-    path.mkdir(parents=True, exist_ok=True)
+    from .metadata import persistent_metadata
+
     RE = RunEngine({}, **kwargs)
-    RE.md = PersistentDict(str(path))
+    RE.md = persistent_metadata(md_dir)
     return RE
 
 
