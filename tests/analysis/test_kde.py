@@ -33,7 +33,9 @@ def test_constant_field_is_identity_inside_mask(kernel, backend):
     const = np.full(g.shape, 3.7)
     const[~g.mask] = 1e6  # masked values must not bleed in
     sm, _ = smooth(const, g, kernel, backend=backend)
-    np.testing.assert_allclose(sm[g.mask], 3.7, rtol=1e-9)
+    # the fast paths run in float32 (eps 6e-8; sums of ~100 terms)
+    np.testing.assert_allclose(sm[g.mask], 3.7, rtol=1e-9 if backend == "scipy" and kernel.kind == "iso"
+                               else 2e-6)
     assert np.all(sm[~g.mask] == 0)
 
 
@@ -42,7 +44,7 @@ def test_backends_agree():
     x = np.random.default_rng(0).poisson(5.0, g.shape).astype(float)
     a, _ = smooth(x, g, Kernel.iso(2), backend="cv2")
     b, _ = smooth(x, g, Kernel.iso(2), backend="scipy")
-    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("kernel", [Kernel.iso(1.0), Kernel.iso(3.0), Kernel.ring(1.0, 8.0)])

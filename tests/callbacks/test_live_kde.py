@@ -112,3 +112,53 @@ def test_bad_configuration(sample):
         LiveKDE(np.zeros((64, 64), bool), (32, 32))
     with pytest.raises(SmartbeamInputError, match="cadence"):
         LiveKDE(sample.mask, sample.beam_centre, cadence=0)
+
+
+def test_inert_on_scalar_run_and_when_disabled(sample):
+    from ophyd.sim import det as scalar_det
+
+    cb = LiveKDE()  # session-wide: no mask, no centre
+    docs = []
+    cb.downstream = lambda name, doc: docs.append((name, doc))
+    RE = RunEngine({})
+    RE.subscribe(cb)
+    RE(count([scalar_det], num=3))
+    assert [n for n, _ in docs].count("descriptor") == 1
+    assert not cb.rows and not cb.errors
+    assert "num_events" not in docs[-1][1] or "kde" not in docs[-1][1]["num_events"]
+    # an image run whose start document opts out
+    det = SimSANSDetector(sample, rng=np.random.default_rng(3))
+    det.shutter.put("open")
+    docs.clear()
+    RE(count([det], num=3, md={"kde": False}))
+    assert not cb.rows and [n for n, _ in docs].count("descriptor") == 1
+
+
+def test_geometry_from_start_document(sample, tmp_path):
+    from smartbeam.plans.sans import sans_kde_count
+
+    det = SimSANSDetector(sample, rng=np.random.default_rng(4))
+    cb = LiveKDE(cadence=3, png_path=tmp_path)  # directory: one PNG per run
+    docs = []
+    cb.downstream = lambda name, doc: docs.append((name, doc))
+    RE = RunEngine({})
+    RE.subscribe(cb)
+    RE(sans_kde_count(det, exposure=1.0, max_exposures=6, cadence=3, target_rel_error=1e-6,
+                      beam_centre=[30.0, 33.0], beamstop_radius_px=6.0))
+    assert cb.geometry.centre == (30.0, 33.0)
+    yy, xx = np.indices(sample.shape)
+    np.testing.assert_array_equal(cb.geometry.mask, np.hypot(xx - 30, yy - 33) > 6.0)
+    rows = [r for r in cb.rows if not r["error"]]
+    assert [r["n_exposures"] for r in rows] == [3, 6]
+    assert rows[-1]["beam_centre_source"] == "start document"
+    assert np.all(rows[-1]["smoothed"][~cb.geometry.mask] == 0)
+    assert list(tmp_path.glob("kde_*.png"))
+
+
+def test_variance_at_lower_cadence(sample):
+    det = SimSANSDetector(sample, rng=np.random.default_rng(5))
+    cb = LiveKDE(sample.mask, sample.beam_centre, cadence=2, variance_every=2)
+    _run(det, cb, count([det], num=7))
+    has_var = [bool(np.isfinite(r["variance"]).all()) for r in cb.rows]
+    # rows at 2, 4, 6 exposures: variance at rows 1 and 3; the final row (7) always
+    assert has_var == [True, False, True, True]

@@ -51,6 +51,49 @@ def test_bad_arguments():
     for kw, match in (({"exposure": 0}, "exposure"), ({"max_exposures": 0}, "max_exposures"),
                       ({"target_rel_error": -1}, "target_rel_error"),
                       ({"product": "ring"}, "product"),
-                      ({"beam_centre": [100.0, 3.0]}, "off the detector")):
+                      ({"beam_centre": [np.nan, 3.0]}, "beam_centre"),
+                      ({"beamstop_radius_px": -2.0}, "beamstop_radius_px")):
         with pytest.raises(SmartbeamInputError, match=match):
             list(sans_kde_count(det, **kw))
+
+
+def test_beam_centre_off_detector_fails_after_first_frame():
+    # the frame shape is only known from the first reading (no device call before the
+    # run), so the centre is checked then: the run fails cleanly, the frame is written
+    sample = SANSSample("realistic", shape=(32, 32))
+    det = SimSANSDetector(sample, rng=np.random.default_rng(0))
+    RE = RunEngine({})
+    docs = []
+    RE.subscribe(lambda n, d: docs.append((n, d)))
+    with pytest.raises(SmartbeamInputError, match="off the detector"):
+        RE(sans_kde_count(det, beam_centre=[100.0, 3.0], max_exposures=5))
+    assert sum(1 for n, _ in docs if n == "event") == 1
+    assert docs[-1][0] == "stop" and docs[-1][1]["exit_status"] == "fail"
+    assert det.shutter.get() == "closed"
+
+
+def test_start_document_carries_geometry():
+    sample = SANSSample("realistic", shape=(32, 32), beamstop_radius_px=3.0)
+    _, _, docs, _ = _run(sample, exposure=1.0, max_exposures=2, beamstop_radius_px=3.0)
+    start = docs[0][1]
+    assert start["beam_centre"] == pytest.approx(list(sample.beam_centre))
+    assert start["beamstop_radius_px"] == 3.0 and start["kde_product"] == "map"
+
+
+def test_plan_reads_frame_only_through_trigger_and_read():
+    sample = SANSSample("realistic", shape=(32, 32))
+    det = SimSANSDetector(sample, rng=np.random.default_rng(0))
+    calls = []
+    original = det.image.get
+    det.image.get = lambda *a, **k: calls.append(1) or original(*a, **k)
+    RE = RunEngine({})
+    RE(sans_kde_count(det, exposure=1.0, max_exposures=3, cadence=3))
+    # one read() per exposure (trigger_and_read), no extra get before or after
+    n_reads = len(calls)
+    det2 = SimSANSDetector(sample, rng=np.random.default_rng(0))
+    calls2 = []
+    original2 = det2.image.get
+    det2.image.get = lambda *a, **k: calls2.append(1) or original2(*a, **k)
+    from bluesky.plans import count
+    RE(count([det2], num=3))
+    assert n_reads == len(calls2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 
 from smartbeam.errors import SmartbeamInputError
@@ -26,23 +27,59 @@ from .kde import (
 __all__ = ["FrameAccumulator", "StreamingKDE"]
 
 
+_INT32_MAX = np.iinfo(np.int32).max
+# dtypes cv2.minMaxLoc reads in one pass (min and max together)
+_CV_RANGE = {np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16, np.int32,
+                                   np.float32)}
+
+
+def _value_range(a: np.ndarray) -> tuple[float, float]:
+    if a.dtype in _CV_RANGE and a.ndim == 2 and a.size:
+        lo, hi, _, _ = cv2.minMaxLoc(a)
+        if a.dtype.kind != "f":
+            return lo, hi
+    if not a.size:
+        return 0.0, 0.0
+    # numpy's min/max propagate NaN, so a float frame needs no separate finiteness pass
+    return float(a.min()), float(a.max())
+
+
 class FrameAccumulator:
     """Running sum of raw count frames of a fixed shape.
+
+    Integer frames are added in place into a preallocated int32 sum (half the memory
+    traffic of int64); a running bound on the pixel maximum spills that sum into an int64
+    total before it could overflow. Float frames are summed in float64.
 
     Parameters
     ----------
     shape
         Frame shape; fixed by the first frame when ``None``.
     check
-        Validate each frame (finite, non-negative). Costs one pass over the frame.
+        Validate each frame: one min/max reduction (NaN/inf show up in it for float
+        frames), a full diagnosis only when it fails.
     """
 
     def __init__(self, shape: tuple[int, int] | None = None, check: bool = True) -> None:
         self.shape = None if shape is None else tuple(shape)
         self.check = check
-        self.total: np.ndarray | None = None
+        self._sum: np.ndarray | None = None
+        self._spill: np.ndarray | None = None
+        self._bound = 0
         self.n_frames = 0
         self.exposure = 0.0
+
+    @property
+    def total(self) -> np.ndarray | None:
+        """The running sum (int32/int64 for integer frames, float64 for float frames).
+
+        Read-only view of the live buffer when nothing was spilled: copy it to keep it.
+        """
+        if self._sum is None:
+            return None
+        if self._spill is None:
+            return self._sum
+        return self._spill + self._sum
 
     def add(self, frame: np.ndarray, exposure: float = 1.0) -> None:
         """Add one frame (integer or integer-valued float counts) of ``exposure`` seconds.
@@ -53,24 +90,42 @@ class FrameAccumulator:
             Wrong shape, NaN/inf or negative counts; the running sum is left unchanged.
         """
         a = np.asarray(frame)
-        if self.check:
-            validate_frame(a, self.shape, f"frame #{self.n_frames + 1}")
-        elif self.shape is not None and a.shape != self.shape:
-            raise SmartbeamInputError(f"frame #{self.n_frames + 1} has shape {a.shape}: "
-                                      f"expected {self.shape}")
+        name = f"frame #{self.n_frames + 1}"
+        if a.ndim != 2 or (self.shape is not None and a.shape != self.shape):
+            validate_frame(a, self.shape, name)
         if not (np.isfinite(exposure) and exposure >= 0):
             raise SmartbeamInputError(f"exposure={exposure!r}: expected a time >= 0")
-        if self.total is None:
+        if a.dtype.kind not in "iubf":
+            validate_frame(a, self.shape, name)
+        hi = None
+        if self.check:
+            lo, hi = _value_range(a)
+            if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0):
+                validate_frame(a, self.shape, name)  # raises with the bad pixel named
+        if self._sum is None:
             self.shape = a.shape
-            # int64 never overflows for counting data; float frames are kept as float
-            self.total = np.zeros(a.shape, np.float64 if a.dtype.kind == "f" else np.int64)
-        np.add(self.total, a, out=self.total, casting="unsafe")
+            self._sum = np.zeros(a.shape, np.float64 if a.dtype.kind == "f" else np.int32)
+        if self._sum.dtype == np.int32:
+            if a.dtype.kind == "f":
+                raise SmartbeamInputError(f"{name} has dtype {a.dtype}: expected integer "
+                                          "counts like the frames accumulated so far")
+            if hi is None:
+                hi = float(a.max()) if a.size else 0.0
+            if self._bound + hi > _INT32_MAX:
+                self._spill = (self._sum.astype(np.int64) if self._spill is None
+                               else self._spill + self._sum)
+                self._sum[...] = 0
+                self._bound = 0
+            self._bound += int(hi)
+        np.add(self._sum, a, out=self._sum, casting="unsafe")
         self.n_frames += 1
         self.exposure += float(exposure)
 
     def reset(self) -> None:
         """Forget all frames (keeps the shape)."""
-        self.total = None
+        self._sum = None
+        self._spill = None
+        self._bound = 0
         self.n_frames = 0
         self.exposure = 0.0
 
@@ -120,13 +175,20 @@ class StreamingKDE:
         """Add one raw frame (see :meth:`FrameAccumulator.add`)."""
         self.acc.add(frame, exposure)
 
-    def result(self) -> KDEResult:
-        """Select bandwidths, smooth the running sum and record the CV error history."""
+    def result(self, variance: bool = True) -> KDEResult:
+        """Select bandwidths, smooth the running sum and record the CV error history.
+
+        Parameters
+        ----------
+        variance
+            Also compute the variance map (one more convolution per distinct kernel).
+        """
         if self.acc.total is None:
             raise SmartbeamInputError("no frame accumulated yet: expected at least one frame "
                                       "before asking for a result")
         res = kde_estimate(self.acc.total, self.geometry, product=self.product,
-                           candidates=self.candidates, n_splits=self.n_splits, rng=self.rng)
+                           candidates=self.candidates, n_splits=self.n_splits, rng=self.rng,
+                           variance=variance)
         self.history_exposure.append(self.acc.exposure)
         self.history_rel_error.append(res.rel_error)
         return res

@@ -6,6 +6,12 @@ row is written: smoothed frame, variance map, bandwidths per band, exposures so 
 cross-validated relative error and the predicted total time to reach the target. A bad
 frame (wrong shape, NaN/inf/negative counts, an external-resource reference) becomes a row
 with ``error`` set; the raw documents are always forwarded and the scan never stops.
+
+It is meant to sit permanently in the session's document chain: without a mask or beam
+centre of its own it takes them from each run's start document (``beam_centre``,
+``beamstop_radius_px``, as written by :func:`smartbeam.plans.sans_kde_count`) and the
+frame shape from the descriptor; runs without a 2-D image data key, or whose start
+document says ``"kde": False``, pass through untouched (inert).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from event_model import unpack_event_page
 
-from smartbeam.analysis.kde import Geometry, KDEResult
+from smartbeam.analysis.kde import PRODUCTS, Geometry, KDEResult
 from smartbeam.analysis.kde_stream import StreamingKDE
 from smartbeam.errors import SmartbeamInputError
 
@@ -28,23 +34,35 @@ __all__ = ["LiveKDE"]
 logger = logging.getLogger(__name__)
 
 
+def _centre_from_start(start: dict, shape: tuple[int, int]) -> tuple[tuple[float, float], str]:
+    centre = start.get("beam_centre")
+    if centre is None:
+        # no calibration in the run: assume the frame centre (and say so in the stream)
+        return ((shape[1] - 1) / 2, (shape[0] - 1) / 2), "frame centre (none in start doc)"
+    return tuple(centre), "start document"
+
+
 class LiveKDE(DerivedStreamRouter):
     """Live kernel smoothing of area-detector frames, written as a ``kde`` stream.
 
     Parameters
     ----------
     mask
-        Valid-pixel mask (True = valid) of the detector.
+        Valid-pixel mask (True = valid) of the detector. ``None``: every pixel outside
+        the start document's ``beamstop_radius_px`` around the beam centre.
     beam_centre
         ``(x, y)`` in pixels; checked at construction (off the detector raises).
+        ``None``: the start document's ``beam_centre`` (the frame centre if absent).
     image_key
         Data key of the frames; default: the first 2-D array key of ``source_stream``.
     product
-        ``"map"``, ``"sector"`` or ``"radial"``: what bandwidths are chosen for.
+        ``"map"``, ``"sector"`` or ``"radial"``: what bandwidths are chosen for
+        (overridden by a ``kde_product`` in the start document).
     cadence
         Write a row every ``cadence`` frames (and at the end of the run).
     target_rel_error
-        Target relative error for the time-to-target prediction.
+        Target relative error for the time-to-target prediction (overridden by the
+        start document's ``target_rel_error``).
     exposure
         Seconds per frame, used when no ``acquire_time`` is found in the configuration.
     source_stream
@@ -52,33 +70,53 @@ class LiveKDE(DerivedStreamRouter):
     stream_name
         Name of the derived stream.
     png_path
-        Where to save the raw-vs-smoothed figure at the end (``None``: no PNG).
+        Where to save the raw-vs-smoothed figure at the end: a file, or an existing
+        directory (then ``kde_<uid8>.png`` per run). ``None``: no PNG.
     live_plot
         Update a matplotlib figure at every row (Agg backend without a display).
     sector
         ``(angle_deg, half_width_deg)`` of the sector product.
     seed
         Seed of the cross-validation thinning.
+    variance_every
+        Compute the variance map every this many rows (and always in the last row);
+        rows in between carry NaN variance. 1 = every row.
     downstream
         Next consumer (Tiled writer or another router).
     """
 
-    def __init__(self, mask: np.ndarray, beam_centre: tuple[float, float], *,
+    def __init__(self, mask: np.ndarray | None = None,
+                 beam_centre: tuple[float, float] | None = None, *,
                  image_key: str | None = None, product: str = "map", cadence: int = 10,
                  target_rel_error: float = 0.05, exposure: float = 1.0,
                  source_stream: str = "primary", stream_name: str = "kde",
                  png_path: str | os.PathLike | None = None, live_plot: bool = False,
                  sector: tuple[float, float] = (0.0, 10.0), seed: int | None = 0,
+                 variance_every: int = 1,
                  downstream: DocumentCallback | None = None) -> None:
         super().__init__(downstream)
         if int(cadence) < 1:
             raise SmartbeamInputError(f"cadence={cadence!r}: expected an integer >= 1")
+        if int(variance_every) < 1:
+            raise SmartbeamInputError(f"variance_every={variance_every!r}: expected an "
+                                      "integer >= 1")
         if not (np.isfinite(target_rel_error) and target_rel_error > 0):
             raise SmartbeamInputError(f"target_rel_error={target_rel_error!r}: expected > 0")
-        self.geometry = Geometry(np.asarray(mask, bool), beam_centre, sector=sector)
+        if product not in PRODUCTS:
+            raise SmartbeamInputError(f"product={product!r}: expected one of {PRODUCTS}")
+        self.mask = None if mask is None else np.asarray(mask, bool)
+        self.beam_centre = None if beam_centre is None else tuple(beam_centre)
+        self.sector = sector
+        # fixed geometry, checked now, when both are given
+        self.fixed_geometry = (Geometry(self.mask, self.beam_centre, sector=sector)
+                               if self.mask is not None and self.beam_centre is not None
+                               else None)
         self.image_key = image_key
+        self.default_product = product
         self.product = product
         self.cadence = int(cadence)
+        self.variance_every = int(variance_every)
+        self.default_target = float(target_rel_error)
         self.target_rel_error = float(target_rel_error)
         self.default_exposure = float(exposure)
         self.source_stream = source_stream
@@ -86,39 +124,104 @@ class LiveKDE(DerivedStreamRouter):
         self.png_path = None if png_path is None else Path(png_path)
         self.live_plot = live_plot
         self.seed = seed
+        self.geometry: Geometry | None = self.fixed_geometry
+        self.geometry_note = "given"
         self.stream: StreamingKDE | None = None
         self.last: KDEResult | None = None
         self.rows: list[dict] = []
+        self.active = False
+        self._start: dict = {}
+        self._geometries: dict = {}
         self._descriptors: dict[str, tuple[str, float]] = {}
         self._since_emit = 0
+        self._n_rows = 0
+        self._bad_shape: tuple[int, int] | None = None
         self._fig = None
+        self.last_png: Path | None = None
 
     # -- document hooks ----------------------------------------------------------------
     def start(self, doc):
-        self.stream = StreamingKDE(self.geometry, product=self.product, seed=self.seed)
+        self._start = doc
+        self.active = doc.get("kde", True) is not False
+        self.product = doc.get("kde_product", self.default_product)
+        if self.product not in PRODUCTS:
+            self._record_error(f"LiveKDE: kde_product={self.product!r} in the start document: "
+                               f"expected one of {PRODUCTS}; using {self.default_product!r}")
+            self.product = self.default_product
+        tre = doc.get("target_rel_error", self.default_target)
+        self.target_rel_error = (float(tre) if isinstance(tre, (int, float)) and tre > 0
+                                 else self.default_target)
+        self.geometry = self.fixed_geometry
+        self.stream = None
         self.last = None
         self.rows = []
         self._descriptors = {}
         self._since_emit = 0
+        self._n_rows = 0
+        self._bad_shape = None
         return doc
 
+    def _geometry_for(self, shape: tuple[int, int]) -> Geometry:
+        """Geometry for this run's frame shape: given, or from the start document."""
+        if self.fixed_geometry is not None:
+            if self.fixed_geometry.shape != shape:
+                raise SmartbeamInputError(f"frames of shape {shape}: expected "
+                                          f"{self.fixed_geometry.shape} (the mask given to "
+                                          "LiveKDE)")
+            return self.fixed_geometry
+        if self.beam_centre is not None:
+            centre, self.geometry_note = self.beam_centre, "given"
+        else:
+            centre, self.geometry_note = _centre_from_start(self._start, shape)
+        stop_r = self._start.get("beamstop_radius_px") or 0.0
+        key = (shape, tuple(float(c) for c in centre), float(stop_r),
+               None if self.mask is None else id(self.mask))
+        if key not in self._geometries:
+            mask = (np.ones(shape, bool) if self.mask is None
+                    else np.asarray(self.mask, bool).copy())
+            if mask.shape != shape:
+                raise SmartbeamInputError(f"frames of shape {shape}: expected {mask.shape} "
+                                          "(the mask given to LiveKDE)")
+            if stop_r:
+                yy, xx = np.indices(shape)
+                try:
+                    cx, cy = (float(c) for c in centre)
+                except (TypeError, ValueError):
+                    raise SmartbeamInputError(f"beam centre {centre!r}: expected (x, y) in "
+                                              "pixels") from None
+                mask &= np.hypot(xx - cx, yy - cy) > float(stop_r)
+            # geometries are cached: the polar grid and kernel normalisers are reused
+            self._geometries = {key: Geometry(mask, centre, sector=self.sector)}
+        return self._geometries[key]
+
     def descriptor(self, doc):
-        if doc.get("name") != self.source_stream:
+        if not self.active or doc.get("name") != self.source_stream:
             return doc
+        keys = doc["data_keys"]
         key = self.image_key
         if key is None:
-            key = next((k for k, v in doc["data_keys"].items()
+            key = next((k for k, v in keys.items()
                         if v.get("dtype") == "array" and len(v.get("shape") or []) == 2), None)
-        if key is None or key not in doc["data_keys"]:
-            self._record_error(f"LiveKDE: no 2-D image key {self.image_key!r} in stream "
-                               f"{self.source_stream!r}")
-            return doc
+        if key is None or key not in keys or len(keys[key].get("shape") or []) != 2:
+            if self.image_key is not None:
+                self._record_error(f"LiveKDE: no 2-D image key {self.image_key!r} in stream "
+                                   f"{self.source_stream!r}")
+            return doc  # no 2-D frames in this run: inert
+        shape = tuple(int(n) for n in keys[key]["shape"])
         exposure = self.default_exposure
         for obj in (doc.get("configuration") or {}).values():
             for k, v in (obj.get("data") or {}).items():
                 if k.endswith("acquire_time"):
                     exposure = float(v)
         self._descriptors[doc["uid"]] = (key, exposure)
+        if self.stream is None:
+            try:
+                self.geometry = self._geometry_for(shape)
+            except SmartbeamInputError as exc:
+                self._bad_shape = shape
+                self._flag(f"LiveKDE geometry: {exc}")
+                return doc
+            self.stream = StreamingKDE(self.geometry, product=self.product, seed=self.seed)
         return doc
 
     def event(self, doc):
@@ -146,36 +249,46 @@ class LiveKDE(DerivedStreamRouter):
 
     def finalize(self, stop_doc: dict) -> None:
         if self.stream is not None and self._since_emit > 0:
-            self._emit_row()
+            self._emit_row(final=True)
         if self.png_path is not None and self.last is not None:
+            path = self.png_path
+            if path.is_dir():
+                path = path / f"kde_{self._start.get('uid', 'run')[:8]}.png"
             self._draw()
-            self._fig.savefig(self.png_path, dpi=100)
+            self._fig.savefig(path, dpi=100)
+            self.last_png = path
 
     # -- rows ----------------------------------------------------------------------------
     def _row(self, res: KDEResult | None, error: str = "") -> dict:
         s = self.stream
-        shape = self.geometry.shape
-        nb = self.geometry.n_bands
-        if res is None:
-            sm = np.full(shape, np.nan, np.float32)
-            var = sm.copy()
-            sq = np.full(nb, np.nan)
-            sr = sq.copy()
-            rel = pred = float("nan")
-            desc = ""
-        else:
+        g = self.geometry
+        shape = g.shape if g is not None else self._bad_shape
+        nb = g.n_bands if g is not None else 1
+        edges = g.band_edges[1:] if g is not None else np.full(1, np.nan)
+        sq = np.full(nb, np.nan)
+        sr = sq.copy()
+        rel = pred = speedup = float("nan")
+        desc = ""
+        sm = np.full(shape, np.nan, np.float32)
+        var = sm.copy()
+        if res is not None:
             sm = res.smoothed.astype(np.float32)
-            var = res.variance.astype(np.float32)
+            if res.variance is not None:
+                var = res.variance.astype(np.float32)
             sq, sr = res.sigma_q_bands, res.sigma_ring_bands
             rel = float(res.rel_error)
             pred = float(s.predicted_time(self.target_rel_error))
             desc = res.kernel_description()
+            if res.selection is not None:
+                speedup = float(res.selection.speedup_half)
+        n = s.n_frames if s else 0
         return {"smoothed": sm, "variance": var, "sigma_q": sq.astype(np.float64),
-                "sigma_ring": sr.astype(np.float64), "band_edges": self.geometry.band_edges[1:],
-                "n_exposures": np.int64(s.n_frames if s else 0),
+                "sigma_ring": sr.astype(np.float64), "band_edges": edges.astype(np.float64),
+                "n_exposures": np.int64(n),
                 "exposure_s": float(s.exposure if s else 0.0), "cv_rel_error": rel,
                 "predicted_time_s": pred, "target_rel_error": self.target_rel_error,
-                "kernel": desc, "error": error}
+                "cv_speedup_half": speedup, "raw_equivalent_exposures": speedup * n,
+                "kernel": desc, "beam_centre_source": self.geometry_note, "error": error}
 
     def _dims(self) -> dict:
         img = (f"{self.stream_name}_y", f"{self.stream_name}_x")
@@ -183,10 +296,12 @@ class LiveKDE(DerivedStreamRouter):
         return {"smoothed": img, "variance": img, "sigma_q": band, "sigma_ring": band,
                 "band_edges": band}
 
-    def _emit_row(self) -> None:
+    def _emit_row(self, final: bool = False) -> None:
         self._since_emit = 0
+        with_var = final or self._n_rows % self.variance_every == 0
+        self._n_rows += 1
         try:
-            res = self.stream.result()
+            res = self.stream.result(variance=with_var)
         except Exception as exc:  # the scan goes on; the row says why
             self._flag(f"LiveKDE analysis failed: {exc!r}")
             return

@@ -19,20 +19,31 @@ __all__ = ["sans_kde_count"]
 logger = logging.getLogger(__name__)
 
 
-def _geometry(detector, beam_centre, beamstop_radius_px) -> Geometry:
-    shape = np.asarray(detector.image.get()).shape
-    mask = getattr(detector, "mask", None)
+def _geometry(shape: tuple[int, int], mask, centre, beamstop_radius_px) -> Geometry:
+    """Detector geometry for frames of ``shape``, built from the first frame of the run."""
     if mask is None or np.shape(mask) != shape:
         mask = np.ones(shape, bool)
     else:
         mask = np.asarray(mask, bool).copy()
-    centre = beam_centre if beam_centre is not None else getattr(detector, "beam_centre", None)
     if centre is None:
         centre = ((shape[1] - 1) / 2, (shape[0] - 1) / 2)
     if beamstop_radius_px:
         yy, xx = np.indices(shape)
         mask &= np.hypot(xx - centre[0], yy - centre[1]) > beamstop_radius_px
     return Geometry(mask, centre)
+
+
+def _check_centre(centre) -> list[float] | None:
+    if centre is None:
+        return None
+    try:
+        cx, cy = (float(c) for c in centre)
+    except (TypeError, ValueError):
+        raise SmartbeamInputError(f"beam_centre={centre!r}: expected [x, y] in pixels"
+                                  ) from None
+    if not (np.isfinite(cx) and np.isfinite(cy)):
+        raise SmartbeamInputError(f"beam_centre={centre!r}: expected finite [x, y] pixels")
+    return [cx, cy]
 
 
 def sans_kde_count(detector: Readable, *, exposure: float = 1.0, max_exposures: int = 100,
@@ -64,9 +75,12 @@ def sans_kde_count(detector: Readable, *, exposure: float = 1.0, max_exposures: 
     product
         ``"map"``, ``"sector"`` or ``"radial"``: the product whose error is targeted.
     beam_centre
-        ``[x, y]`` in pixels; default: the detector's ``beam_centre`` or the frame centre.
+        ``[x, y]`` in pixels; default: the detector's ``beam_centre`` attribute if it has
+        one, else the frame centre. Written to the start document (``None`` if unknown),
+        where a session-wide ``LiveKDE`` finds it.
     beamstop_radius_px
-        Mask a round beam stop of this radius around the beam centre.
+        Mask a round beam stop of this radius around the beam centre (start document:
+        ``beamstop_radius_px``, 0 = none).
     md
         Extra run metadata.
     """
@@ -80,26 +94,48 @@ def sans_kde_count(detector: Readable, *, exposure: float = 1.0, max_exposures: 
         raise SmartbeamInputError(f"cadence={cadence!r}: expected an integer >= 1")
     if product not in PRODUCTS:
         raise SmartbeamInputError(f"product={product!r}: expected one of {PRODUCTS}")
-    geometry = _geometry(detector, beam_centre, beamstop_radius_px)
-    stream = StreamingKDE(geometry, product=product)
+    if beamstop_radius_px is not None and not (np.isfinite(beamstop_radius_px)
+                                               and beamstop_radius_px >= 0):
+        raise SmartbeamInputError(f"beamstop_radius_px={beamstop_radius_px!r}: expected a "
+                                  "radius >= 0 px")
+    # calibration known before the run (argument, or the twin's own attributes); no
+    # device method is called here: the frame shape comes from the first reading
+    centre = _check_centre(beam_centre if beam_centre is not None
+                           else getattr(detector, "beam_centre", None))
+    mask = getattr(detector, "mask", None)
     _md = {"plan_name": "sans_kde_count", "detectors": [detector.name],
            "plan_args": {"detector": repr(detector), "exposure": exposure,
                          "max_exposures": int(max_exposures),
                          "target_rel_error": target_rel_error, "cadence": int(cadence),
                          "product": product},
-           "beam_centre": list(geometry.centre), "num_points": int(max_exposures)}
+           "beam_centre": centre, "beamstop_radius_px": float(beamstop_radius_px or 0.0),
+           "kde_product": product, "target_rel_error": float(target_rel_error),
+           "num_points": int(max_exposures)}
     _md.update(md or {})
     outcome: dict[str, Any] = {}
+    state: dict[str, Any] = {}
 
     @bpp.run_decorator(md=_md)
     def counting():
+        image_key = detector.image.name
         for i in range(int(max_exposures)):
-            yield from bps.trigger_and_read([detector])
-            frame = yield from bps.rd(detector.image)
-            stream.add(np.asarray(frame), exposure)
+            readings = yield from bps.trigger_and_read([detector])
+            frame = np.asarray(readings[image_key]["value"])
+            if "stream" not in state:
+                # geometry built lazily from the first frame (raises on a bad centre)
+                geometry = _geometry(frame.shape, mask, centre, beamstop_radius_px)
+                state["stream"] = StreamingKDE(geometry, product=product)
+            stream = state["stream"]
+            try:
+                stream.add(frame, exposure)
+            except SmartbeamInputError as exc:
+                # a corrupt frame is skipped (it is already written raw); counting goes on
+                logger.warning("sans_kde_count: frame %d skipped: %s", i + 1, exc)
+                outcome["skipped_frames"] = outcome.get("skipped_frames", 0) + 1
+                continue
             last = i + 1 == int(max_exposures)
-            if (i + 1) % int(cadence) == 0 or last:
-                res = stream.result()
+            if stream.n_frames % int(cadence) == 0 or last:
+                res = stream.result(variance=False)
                 outcome.update(n_exposures=i + 1, rel_error=res.rel_error,
                                predicted_time_s=stream.predicted_time(target_rel_error))
                 if np.isfinite(res.rel_error) and res.rel_error <= target_rel_error:
