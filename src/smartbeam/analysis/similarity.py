@@ -1,0 +1,211 @@
+"""Seven (dis)similarity measures between many spectra and many library entries.
+
+All measures return a *dissimilarity* matrix ``D`` of shape (n_spectra, n_entries), lower
+is more similar, computed on spectra that share one uniform energy grid:
+
+==============  =========================================================  ===============
+measure         definition (after :func:`prepare`)                        preprocessing
+==============  =========================================================  ===============
+euclidean       ||a - b||_2                                               area = 1
+cityblock       ||a - b||_1                                               area = 1
+cosine          1 - a.b / (|a||b|)                                         none
+pearson         1 - r(a, b)                                                none
+jsd             Jensen-Shannon distance (base 2, scipy: sqrt of JS div.)   clip >= 0, area = 1
+emd             step * sum |cumsum(a) - cumsum(b)| (1-D Wasserstein-1)     clip >= 0, area = 1
+dtw             dynamic time warping, Sakoe-Chiba window (dtaidistance)    area = 1
+==============  =========================================================  ===============
+
+"Area" is the sum over grid points (the step cancels in every measure except EMD, where
+it is applied explicitly). DTW is slow and kept off the live path by default.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial.distance import cdist
+
+from ..errors import SmartbeamInputError
+
+__all__ = [
+    "MEASURES",
+    "POINTWISE_MEASURES",
+    "LIVE_MEASURES",
+    "prepare",
+    "dissimilarity",
+    "similarity_from_dissimilarity",
+    "resample",
+    "remove_background",
+]
+
+#: Every measure, in the order used in reports.
+MEASURES = ("euclidean", "cityblock", "cosine", "pearson", "jsd", "emd", "dtw")
+#: Measures computed point by point on a common grid (fast, vectorised).
+POINTWISE_MEASURES = ("euclidean", "cityblock", "cosine", "pearson", "jsd", "emd")
+#: Measures evaluated during a live run (DTW excluded: too slow).
+LIVE_MEASURES = POINTWISE_MEASURES
+
+
+def _check_measure(measure: str) -> str:
+    if measure not in MEASURES:
+        raise SmartbeamInputError(f"measure {measure!r} unknown: expected one of {MEASURES}")
+    return measure
+
+
+def _area_normalise(x: np.ndarray) -> np.ndarray:
+    area = x.sum(axis=-1, keepdims=True)
+    # A zero-area spectrum stays zero instead of becoming NaN.
+    return np.divide(x, area, out=np.zeros_like(x), where=np.abs(area) > 1e-300)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 1e-300)
+
+
+def prepare(spectra: np.ndarray, measure: str) -> np.ndarray:
+    """Apply the normalisation ``measure`` needs (rows are spectra on a common grid).
+
+    Parameters
+    ----------
+    spectra
+        (n, n_energy) or (n_energy,) array.
+    measure
+        One of :data:`MEASURES`.
+    """
+    _check_measure(measure)
+    x = np.atleast_2d(np.asarray(spectra, dtype=float))
+    if measure in ("cosine", "pearson"):
+        return x  # scale-invariant measures
+    if measure in ("jsd", "emd"):
+        # Probability-like measures need non-negative weights.
+        x = np.clip(x, 0.0, None)
+    return _area_normalise(x)
+
+
+def dissimilarity(spectra: np.ndarray, library: np.ndarray, measure: str, *, step: float = 1.0,
+                  dtw_window: int | None = None, prepared: bool = False) -> np.ndarray:
+    """Dissimilarity matrix between spectra and library entries.
+
+    Parameters
+    ----------
+    spectra
+        (n, n_energy) measured spectra on the library energy grid.
+    library
+        (k, n_energy) library spectra.
+    measure
+        One of :data:`MEASURES`.
+    step
+        Energy step of the grid (eV), used by EMD.
+    dtw_window
+        Sakoe-Chiba window in grid points for DTW (default: 10 % of the length).
+    prepared
+        ``True`` if both inputs already went through :func:`prepare`.
+
+    Returns
+    -------
+    (n, k) array, lower = more similar.
+    """
+    _check_measure(measure)
+    a = np.atleast_2d(np.asarray(spectra, dtype=float))
+    b = np.atleast_2d(np.asarray(library, dtype=float))
+    if a.shape[1] != b.shape[1]:
+        raise SmartbeamInputError(f"spectra have {a.shape[1]} energy points, library entries "
+                                  f"{b.shape[1]}: expected a common grid")
+    if not prepared:
+        a, b = prepare(a, measure), prepare(b, measure)
+    if measure == "pearson":
+        # Matrix-product form (BLAS) of cdist's "correlation": same value, much faster.
+        return 1.0 - _unit_rows(a - a.mean(axis=1, keepdims=True)) @ _unit_rows(
+            b - b.mean(axis=1, keepdims=True)).T
+    if measure == "cosine":
+        return 1.0 - _unit_rows(a) @ _unit_rows(b).T
+    if measure == "euclidean":
+        sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+        return np.sqrt(np.clip(sq, 0.0, None))
+    if measure == "jsd":
+        # cdist's fast path takes no ``base``: convert the natural-log distance to base 2.
+        d = cdist(a, b, "jensenshannon") / np.sqrt(np.log(2.0))
+        return np.nan_to_num(d, nan=1.0)  # all-zero rows: maximal distance
+    if measure == "emd":
+        # For 1-D distributions on one grid W1 = step * L1(CDF_a - CDF_b).
+        return cdist(np.cumsum(a, axis=1), np.cumsum(b, axis=1), "cityblock") * step
+    if measure == "dtw":
+        from dtaidistance import dtw
+
+        window = dtw_window or max(1, a.shape[1] // 10)
+        both = np.ascontiguousarray(np.vstack([a, b]))
+        n = len(a)
+        full = dtw.distance_matrix_fast(both, block=((0, n), (n, n + len(b))), window=window,
+                                        compact=False)
+        return np.asarray(full)[:n, n:]
+    return cdist(a, b, "cityblock")
+
+
+def similarity_from_dissimilarity(d: np.ndarray, measure: str) -> np.ndarray:
+    """Express a dissimilarity as the usual similarity of the measure.
+
+    Pearson and cosine give r and the cosine similarity (``1 - d``); the distances are
+    returned unchanged (lower is better).
+    """
+    _check_measure(measure)
+    d = np.asarray(d, dtype=float)
+    return 1.0 - d if measure in ("pearson", "cosine") else d
+
+
+def resample(energy: np.ndarray, intensity: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Linear interpolation of a spectrum onto ``grid``; outside the data, edge values.
+
+    Parameters
+    ----------
+    energy
+        Increasing energies of the measurement.
+    intensity
+        Intensities, same length.
+    grid
+        Target energies.
+    """
+    energy = np.asarray(energy, dtype=float)
+    intensity = np.asarray(intensity, dtype=float)
+    return np.interp(grid, energy, intensity)
+
+
+def remove_background(energy: np.ndarray, intensity: np.ndarray, *, pre_edge_max: float,
+                      post_edge_min: float, l3: float, l2: float,
+                      step_width: float = 1.0) -> np.ndarray:
+    """Remove a linear pre-edge background and the L3/L2 edge-jump steps.
+
+    The pre-edge line is fitted to points below ``pre_edge_max`` (a constant if fewer
+    than 5 points). The step height is the median of the residual above
+    ``post_edge_min``; steps of 2/3 and 1/3 of it (arctan, ``step_width`` eV) are placed
+    at ``l3`` and ``l2`` (the 2:1 statistical branching of 2p3/2 and 2p1/2).
+
+    Parameters
+    ----------
+    energy, intensity
+        The measured spectrum.
+    pre_edge_max, post_edge_min
+        Energy limits of the background regions.
+    l3, l2
+        Energies of the L3 and L2 edges.
+    step_width
+        Width of the arctan steps (eV).
+    """
+    e = np.asarray(energy, dtype=float)
+    y = np.asarray(intensity, dtype=float).copy()
+    pre = e < pre_edge_max
+    if pre.sum() >= 5:
+        coef = np.polyfit(e[pre], y[pre], 1)
+        y -= np.polyval(coef, e)
+    elif pre.any():
+        y -= np.median(y[pre])
+    else:
+        y -= y.min()
+    post = e > post_edge_min
+    if post.sum() >= 3:
+        h = float(np.median(y[post]))
+
+        def step(e0: float) -> np.ndarray:
+            return 0.5 + np.arctan((e - e0) / (0.5 * step_width)) / np.pi
+
+        y -= h * (2.0 / 3.0 * step(l3) + 1.0 / 3.0 * step(l2))
+    return y

@@ -1,0 +1,415 @@
+"""Estimate the crystal-field splitting 10Dq of a measured L2,3 spectrum from a library.
+
+For each similarity measure the estimator searches jointly over the library entries and
+an unknown energy offset (the measured spectrum is resampled once onto a grid extended by
+the offset range; every candidate offset is then a sliding window, so the search is one
+matrix product per measure), refines the minimum between grid points with a quadratic
+fit that never crosses a spin crossover, and combines the measures into a consensus.
+
+A high similarity alone does not prove the library describes the spectrum (a Mn3+/4+
+EELS spectrum reaches Pearson r = 0.988 against Mn2+). The rejection score is the
+fraction of the *signal* variance the best library spectrum leaves unexplained beyond the
+noise, measured on the raw data points::
+
+    score = max(SSR/n - s^2, 0) / max(var(y) - s^2, tiny)
+
+with ``s`` the noise estimated from second differences. Its threshold is calibrated on
+simulated in-library spectra (:func:`calibrate_threshold`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ..errors import SmartbeamInputError
+from .library import SpectrumLibrary
+from .similarity import (
+    LIVE_MEASURES,
+    MEASURES,
+    dissimilarity,
+    prepare,
+    remove_background,
+    similarity_from_dissimilarity,
+)
+
+__all__ = [
+    "CONSENSUS_MEASURES",
+    "TenDqResult",
+    "TenDqFitter",
+    "calibrate_threshold",
+    "rejection_score",
+    "noise_sigma",
+    "validate_spectrum",
+]
+
+#: Measures whose median is the consensus (EMD collapses under noise, DTW is slow).
+CONSENSUS_MEASURES = ("euclidean", "cosine", "pearson", "jsd")
+# Distances that grow like |x| near the minimum are squared before the quadratic fit.
+_SQUARE_FOR_FIT = {"euclidean", "jsd", "cityblock", "emd", "dtw"}
+
+
+@dataclass
+class TenDqResult:
+    """Outcome of one estimate.
+
+    Attributes
+    ----------
+    described
+        ``False`` when the library does not describe the spectrum (then no 10Dq).
+    ten_dq, sd, offset
+        Estimate, its standard uncertainty and the energy offset (measured - library), eV.
+    measure
+        ``"consensus"`` or the single measure used.
+    similarity
+        Similarity of the best match (Pearson r, cosine similarity, or distance).
+    per_measure, per_measure_offset
+        Estimates of each measure (``None`` when not computed).
+    flags
+        Warnings: ``not_described``, ``library_edge_low``, ``library_edge_high``,
+        ``near_spin_crossover``, ``offset_at_search_limit``, ``measures_disagree``.
+    score, threshold
+        Rejection score and the calibrated threshold it was compared with.
+    library_id
+        Identifier of the library used.
+    """
+
+    described: bool
+    ten_dq: float | None
+    sd: float | None
+    offset: float | None
+    measure: str
+    similarity: float
+    per_measure: dict[str, float | None]
+    per_measure_offset: dict[str, float | None]
+    flags: list[str]
+    score: float
+    threshold: float
+    library_id: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, file: str | None = None) -> dict[str, Any]:
+        """The JSON object of ``smartbeam estimate --json``."""
+        out: dict[str, Any] = {} if file is None else {"file": file}
+        out.update({
+            "described": bool(self.described),
+            "ten_dq_eV": _f(self.ten_dq), "sd_eV": _f(self.sd), "offset_eV": _f(self.offset),
+            "measure": self.measure, "per_measure": {k: _f(v) for k, v in self.per_measure.items()},
+            "flags": list(self.flags), "score": _f(self.score),
+            "similarity": _f(self.similarity), "threshold": _f(self.threshold),
+            "library_id": self.library_id,
+        })
+        return out
+
+
+def _f(x: float | None) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def validate_spectrum(energy: np.ndarray, intensity: np.ndarray,
+                      need: tuple[float, float] | None = None, name: str = "spectrum"
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Check a measured spectrum and return it as float arrays.
+
+    Raises :class:`SmartbeamInputError` for empty input, mismatched lengths, NaN/inf,
+    non-increasing energy, or an energy range that does not cover ``need`` (eV).
+    """
+    e = np.asarray(energy, dtype=float).ravel()
+    y = np.asarray(intensity, dtype=float).ravel()
+    if e.size == 0:
+        raise SmartbeamInputError(f"{name}: no data points; expected an energy/intensity pair")
+    if e.size != y.size:
+        raise SmartbeamInputError(f"{name}: {e.size} energies but {y.size} intensities; "
+                                  "expected equal lengths")
+    if e.size < 10:
+        raise SmartbeamInputError(f"{name}: {e.size} points; expected at least 10")
+    bad = ~(np.isfinite(e) & np.isfinite(y))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise SmartbeamInputError(f"{name}: non-finite value at point {i} "
+                                  f"(energy={e[i]!r}, intensity={y[i]!r}); expected numbers")
+    d = np.diff(e)
+    if np.any(d <= 0):
+        i = int(np.flatnonzero(d <= 0)[0])
+        raise SmartbeamInputError(f"{name}: energy not strictly increasing at point {i + 1} "
+                                  f"({e[i]!r} then {e[i + 1]!r}); expected increasing energies")
+    if need is not None and (e[0] > need[0] or e[-1] < need[1]):
+        raise SmartbeamInputError(
+            f"{name}: energy range {e[0]:.2f}-{e[-1]:.2f} eV misses the edge: expected it to "
+            f"cover {need[0]:.2f}-{need[1]:.2f} eV")
+    return e, y
+
+
+def noise_sigma(y: np.ndarray) -> float:
+    """Robust white-noise estimate from second differences (MAD; d = y_i - (y_-1+y_+1)/2)."""
+    y = np.asarray(y, dtype=float)
+    if y.size < 5:
+        return 0.0
+    d = y[1:-1] - 0.5 * (y[:-2] + y[2:])
+    # var(d) = 1.5 sigma^2 for white noise; MAD/0.6745 is a robust std.
+    return float(np.median(np.abs(d - np.median(d))) / 0.6745 / math.sqrt(1.5))
+
+
+def rejection_score(y: np.ndarray, model: np.ndarray, sigma: float) -> float:
+    """Fraction of the signal variance that ``a*model + b`` leaves unexplained beyond noise."""
+    y = np.asarray(y, dtype=float)
+    m = np.asarray(model, dtype=float)
+    a_mat = np.column_stack([m, np.ones_like(m)])
+    coef, *_ = np.linalg.lstsq(a_mat, y, rcond=None)
+    ssr = float(np.mean((y - a_mat @ coef) ** 2))
+    var = float(np.var(y))
+    signal = var - sigma ** 2
+    if coef[0] <= 0:  # anti-correlated: certainly not this library
+        return float("inf")
+    return max(ssr - sigma ** 2, 0.0) / max(signal, 1e-12 * max(var, 1e-300))
+
+
+def calibrate_threshold(in_library_scores: np.ndarray, quantile: float = 0.99) -> float:
+    """Threshold accepting the ``quantile`` fraction of simulated in-library spectra."""
+    s = np.asarray(in_library_scores, dtype=float)
+    s = s[np.isfinite(s)]
+    if s.size == 0:
+        raise SmartbeamInputError("no finite in-library scores: expected calibration spectra")
+    return float(np.quantile(s, quantile))
+
+
+def _quad_refine(vals: np.ndarray) -> float:
+    """Vertex offset (in cells, clipped to +-1) of the parabola through 3 values."""
+    y0, y1, y2 = vals
+    den = y0 - 2 * y1 + y2
+    if not np.isfinite(den) or den <= 0:
+        return 0.0
+    return float(np.clip(0.5 * (y0 - y2) / den, -1.0, 1.0))
+
+
+class TenDqFitter:
+    """Fit/predict estimator of 10Dq against a :class:`SpectrumLibrary`.
+
+    Parameters
+    ----------
+    measures
+        Measures to evaluate (default: the live, pointwise ones; add ``"dtw"`` off-line).
+    consensus
+        Measures whose median is the consensus estimate.
+    offset_range
+        Largest |energy offset| searched (eV).
+    threshold
+        Rejection threshold on :func:`rejection_score`; ``None`` never rejects (only
+        when no calibration is available; flagged ``uncalibrated``).
+    dtw_window
+        DTW window in grid points.
+    """
+
+    def __init__(self, measures: tuple[str, ...] = LIVE_MEASURES,
+                 consensus: tuple[str, ...] = CONSENSUS_MEASURES, offset_range: float = 2.0,
+                 threshold: float | None = None, dtw_window: int | None = None) -> None:
+        for m in tuple(measures) + tuple(consensus):
+            if m not in MEASURES:
+                raise SmartbeamInputError(f"measure {m!r} unknown: expected one of {MEASURES}")
+        if not 0 <= offset_range <= 20:
+            raise SmartbeamInputError(f"offset_range={offset_range!r}: expected 0-20 eV")
+        self.measures = tuple(measures)
+        self.consensus = tuple(m for m in consensus if m in self.measures) or self.measures[:1]
+        self.offset_range = float(offset_range)
+        self.threshold = threshold
+        self.dtw_window = dtw_window
+        self.library: SpectrumLibrary | None = None
+
+    # -- fit -------------------------------------------------------------------------------
+    def fit(self, library: SpectrumLibrary) -> TenDqFitter:
+        """Precompute the prepared library for every measure; returns ``self``."""
+        lib = library
+        self.library = lib
+        self.step = float(lib.energy[1] - lib.energy[0])
+        self.n_shift = int(round(self.offset_range / self.step))
+        self.n = len(lib.energy)
+        n_ext = self.n + 2 * self.n_shift
+        self.grid_ext = lib.energy[0] - self.n_shift * self.step + self.step * np.arange(n_ext)
+        self.offsets = self.step * (np.arange(2 * self.n_shift + 1) - self.n_shift)
+        self._prepared = {m: prepare(lib.spectra, m) for m in set(self.measures) | {"pearson"}}
+        mean = lib.spectra.mean(axis=0)
+        thr = 0.02 * mean.max()
+        above = np.flatnonzero(mean > thr)
+        self.onset, self.end = float(lib.energy[above[0]]), float(lib.energy[above[-1]])
+        split = float(lib.meta.get("l3_l2_split_eV", 0.5 * (self.onset + self.end)))
+        self.split = split
+        ref = lib.spectra[int(np.argmin(np.abs(lib.ten_dq - lib.params.align_ten_dq)))]
+        lo = lib.energy < split
+        self.l3 = float(lib.energy[lo][np.argmax(ref[lo])])
+        self.l2 = float(lib.energy[~lo][np.argmax(ref[~lo])])
+        self.need = (self.l3 - 2.0, self.l2 + 2.0)
+        return self
+
+    def _check_fitted(self) -> SpectrumLibrary:
+        if self.library is None:
+            raise RuntimeError("TenDqFitter.fit(library) must be called first")
+        return self.library
+
+    # -- preprocessing ------------------------------------------------------------------
+    def preprocess(self, energy: np.ndarray, intensity: np.ndarray) -> np.ndarray:
+        """Background/step removal and resampling onto the offset-extended grid."""
+        e, y = energy, intensity
+        r = self.offset_range
+        l3 = self._peak_near(e, y, self.l3, r)
+        l2 = self._peak_near(e, y, self.l2, r)
+        y = remove_background(e, y, pre_edge_max=self.onset - r - 0.5,
+                              post_edge_min=self.end + r + 0.5, l3=l3 - 1.0, l2=l2 - 1.0)
+        return np.interp(self.grid_ext, e, y)
+
+    @staticmethod
+    def _peak_near(e: np.ndarray, y: np.ndarray, e0: float, r: float) -> float:
+        m = (e > e0 - r - 1) & (e < e0 + r + 1)
+        return float(e[m][np.argmax(y[m])]) if m.any() else e0
+
+    # -- prediction -----------------------------------------------------------------------
+    def dissimilarity_maps(self, ext: np.ndarray) -> dict[str, np.ndarray]:
+        """(n_spectra, n_offsets, n_entries) dissimilarity per measure for resampled spectra."""
+        self._check_fitted()
+        ext = np.atleast_2d(ext)
+        win = sliding_window_view(ext, self.n, axis=1)  # (M, J, n), a view: no copy
+        m_, j_, n_ = win.shape
+        flat = win.reshape(m_ * j_, n_)
+        out = {}
+        for meas in set(self.measures) | {"pearson"}:
+            d = dissimilarity(prepare(flat, meas), self._prepared[meas], meas, step=self.step,
+                              dtw_window=self.dtw_window, prepared=True)
+            out[meas] = d.reshape(m_, j_, -1)
+        return out
+
+    def _refine(self, dmap: np.ndarray, measure: str) -> tuple[float, float, int, int, float]:
+        lib = self.library
+        assert lib is not None
+        f = dmap ** 2 if measure in _SQUARE_FOR_FIT else dmap
+        j, k = np.unravel_index(int(np.argmin(f)), f.shape)
+        seg = lib.segment
+        dk = dj = 0.0
+        if 0 < k < f.shape[1] - 1 and seg[k - 1] == seg[k] == seg[k + 1]:
+            dk = _quad_refine(f[j, k - 1:k + 2])
+        if 0 < j < f.shape[0] - 1:
+            dj = _quad_refine(f[j - 1:j + 2, k])
+        step_dq = lib.ten_dq[1] - lib.ten_dq[0] if len(lib.ten_dq) > 1 else 0.0
+        ten_dq = float(lib.ten_dq[k] + dk * step_dq)
+        offset = float(self.offsets[j] + dj * self.step)
+        return ten_dq, offset, int(j), int(k), float(dmap[j, k])
+
+    def _model(self, ten_dq: float, k: int) -> np.ndarray:
+        """Library spectrum at ``ten_dq``, interpolated linearly inside entry k's segment."""
+        lib = self.library
+        assert lib is not None
+        same = np.flatnonzero(lib.segment == lib.segment[k])
+        xs = lib.ten_dq[same]
+        t = np.clip(ten_dq, xs[0], xs[-1])
+        i = int(np.clip(np.searchsorted(xs, t) - 1, 0, max(len(xs) - 2, 0)))
+        if len(xs) == 1:
+            return lib.spectra[same[0]]
+        w = (t - xs[i]) / (xs[i + 1] - xs[i])
+        return (1 - w) * lib.spectra[same[i]] + w * lib.spectra[same[i + 1]]
+
+    def predict(self, energy: np.ndarray, intensity: np.ndarray, name: str = "spectrum"
+                ) -> TenDqResult:
+        """Estimate 10Dq of one measured spectrum (see :class:`TenDqResult`)."""
+        lib = self._check_fitted()
+        e, y = validate_spectrum(energy, intensity, self.need, name)
+        ext = self.preprocess(e, y)
+        maps = self.dissimilarity_maps(ext[None, :])
+        return self._result(e, y, {m: v[0] for m, v in maps.items()}, lib)
+
+    def predict_many(self, energy: np.ndarray, intensities: np.ndarray) -> list[TenDqResult]:
+        """Estimate 10Dq of many spectra sharing one energy axis (vectorised search)."""
+        lib = self._check_fitted()
+        ys = np.atleast_2d(np.asarray(intensities, dtype=float))
+        e, _ = validate_spectrum(energy, ys[0], self.need)
+        ext = np.stack([self.preprocess(e, y) for y in ys])
+        maps = self.dissimilarity_maps(ext)
+        return [self._result(e, ys[i], {m: v[i] for m, v in maps.items()}, lib)
+                for i in range(len(ys))]
+
+    def _result(self, e: np.ndarray, y: np.ndarray, maps: dict[str, np.ndarray],
+                lib: SpectrumLibrary) -> TenDqResult:
+        per, per_off, per_sim, per_k = {}, {}, {}, {}
+        for m in self.measures:
+            dq, off, _, k, dmin = self._refine(maps[m], m)
+            per[m], per_off[m], per_k[m] = dq, off, k
+            per_sim[m] = float(similarity_from_dissimilarity(dmin, m))
+        cons = [per[m] for m in self.consensus]
+        if len(self.measures) == 1:
+            measure = self.measures[0]
+            ten_dq, offset = per[measure], per_off[measure]
+            k_best = per_k[measure]
+            sim = per_sim[measure]
+        else:
+            measure = "consensus"
+            ten_dq = float(np.median(cons))
+            offset = float(np.median([per_off[m] for m in self.consensus]))
+            k_best = int(np.argmin(np.abs(lib.ten_dq - ten_dq)))
+            # Keep the branch of the majority when the median lands on a crossover.
+            k_best = int(np.median([per_k[m] for m in self.consensus])) if len(
+                set(lib.segment[[per_k[m] for m in self.consensus]])) > 1 else k_best
+            sim = per_sim.get("pearson", per_sim[self.consensus[0]])
+
+        # Rejection score on the raw points inside the (shifted) library window.
+        pre = self.preprocess(e, y)
+        mask = (e >= lib.energy[0] + offset) & (e <= lib.energy[-1] + offset)
+        sigma = noise_sigma(y[mask]) if mask.sum() >= 5 else 0.0
+        y_bg = np.interp(e[mask], self.grid_ext, pre)
+        model = np.interp(e[mask] - offset, lib.energy, self._model(ten_dq, k_best))
+        score = rejection_score(y_bg, model, sigma) if mask.sum() >= 10 else float("inf")
+
+        # Uncertainty: spread across measures (robust) and noise propagated through the
+        # curvature of the Pearson misfit around the minimum.
+        spread = 1.4826 * float(np.median(np.abs(np.asarray(cons) - np.median(cons)))) if len(
+            cons) > 1 else 0.0
+        sd_noise = self._noise_sd(maps["pearson"], y_bg, sigma)
+        sd = math.sqrt(spread ** 2 + sd_noise ** 2)
+
+        flags = []
+        step_dq = float(lib.ten_dq[1] - lib.ten_dq[0]) if len(lib.ten_dq) > 1 else 0.0
+        if ten_dq <= lib.ten_dq[0] + 0.5 * step_dq:
+            flags.append("library_edge_low")
+        if ten_dq >= lib.ten_dq[-1] - 0.5 * step_dq:
+            flags.append("library_edge_high")
+        if any(abs(ten_dq - c) <= step_dq for c in lib.crossovers):
+            flags.append("near_spin_crossover")
+        if abs(offset) >= self.offset_range - self.step:
+            flags.append("offset_at_search_limit")
+        if spread > max(3 * sd_noise, step_dq):
+            flags.append("measures_disagree")
+        described = True
+        if self.threshold is None:
+            flags.append("uncalibrated")
+        elif not (score <= self.threshold):
+            described = False
+            flags.append("not_described")
+        extra = {"noise_sigma": sigma, "per_measure_offset": per_off, "raw_per_measure": per,
+                 "per_measure_similarity": per_sim, "spin": float(lib.spin[k_best])}
+        return TenDqResult(
+            described=described, ten_dq=ten_dq if described else None,
+            sd=sd if described else None, offset=offset if described else None,
+            measure=measure, similarity=sim,
+            per_measure={m: (per.get(m) if described else None) for m in MEASURES
+                         if m in self.measures},
+            per_measure_offset=per_off, flags=flags, score=float(score),
+            threshold=float("nan") if self.threshold is None else float(self.threshold),
+            library_id=lib.library_id, extra=extra)
+
+    def _noise_sd(self, dmap: np.ndarray, y: np.ndarray, sigma: float) -> float:
+        lib = self.library
+        assert lib is not None
+        j, k = np.unravel_index(int(np.argmin(dmap)), dmap.shape)
+        if not (0 < k < dmap.shape[1] - 1) or sigma <= 0 or y.size < 3:
+            return 0.0
+        # SSR(dq) = n var(y) (1 - r^2); Delta SSR = sigma^2 gives one standard deviation.
+        r = 1.0 - dmap[j, k - 1:k + 2]
+        ssr = y.size * np.var(y) * (1.0 - r ** 2)
+        h = float(lib.ten_dq[k + 1] - lib.ten_dq[k])
+        curv = (ssr[0] - 2 * ssr[1] + ssr[2]) / h ** 2
+        if curv <= 0:
+            return float(h)
+        return float(math.sqrt(2.0 * sigma ** 2 / curv))
