@@ -10,6 +10,7 @@ The unweighted MSE speed-up is reported beside it.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from sim_devices.physics.sans import SANSSample
 from smartbeam.analysis.kde import (
+    DEFAULT_CANDIDATES,
     Geometry,
     Kernel,
     apply_kernels,
@@ -186,11 +188,11 @@ def _median_ms(fn, repeat: int) -> float:
 
 
 def _throughput(quick: bool, rng: np.random.Generator) -> dict:
-    out = {}
+    out = {"load_avg_1min_at_start": float(os.getloadavg()[0])}
     f2048 = rng.poisson(0.5, (2048, 2048)).astype(np.int32)
     for check in (True, False):
         acc = FrameAccumulator(check=check)
-        ms = _median_ms(lambda acc=acc: acc.add(f2048), 10 if quick else 40)
+        ms = _median_ms(lambda acc=acc: acc.add(f2048), 20 if quick else 60)
         out["accumulate_fps_2048" + ("" if check else "_unchecked")] = 1e3 / ms
     f128 = rng.poisson(0.5, (128, 128)).astype(np.int32)
     acc = FrameAccumulator()
@@ -202,27 +204,38 @@ def _throughput(quick: bool, rng: np.random.Generator) -> dict:
         return Geometry(np.hypot(xx - c[0], yy - c[1]) > n / 32, c, band_width_px=n / 16)
 
     g2048 = geom(2048)
-    x2048 = rng.poisson(2.0, (2048, 2048)).astype(np.float64)
-    rep = 3 if quick else 7
+    # what an emit smooths: the int32 running sum of the accumulator
+    x2048 = rng.poisson(2.0, (2048, 2048)).astype(np.int32)
+    rep = 5 if quick else 11
     for sigma in (1.0, 4.0):
+        smooth(x2048, g2048, Kernel.iso(sigma))  # first call builds the cached normaliser
         out[f"smooth_ms_2048_iso{sigma:g}"] = _median_ms(
             lambda s=sigma: smooth(x2048, g2048, Kernel.iso(s)), rep)
-        out[f"smooth_ms_2048_iso{sigma:g}_scipy"] = _median_ms(
-            lambda s=sigma: smooth(x2048, g2048, Kernel.iso(s), backend="scipy"), rep)
+        out[f"smooth_ms_2048_iso{sigma:g}_scipy_f64"] = _median_ms(
+            lambda s=sigma: smooth(x2048, g2048, Kernel.iso(s), backend="scipy"), 3)
+    smooth(x2048, g2048, Kernel.ring(1.0, 8.0))
     out["smooth_ms_2048_ring"] = _median_ms(
-        lambda: smooth(x2048, g2048, Kernel.ring(1.0, 8.0)), rep)
+        lambda: smooth(x2048, g2048, Kernel.ring(1.0, 8.0)), 3)
     out["smooth_ms_2048"] = out["smooth_ms_2048_iso1"]
+    iso1 = [Kernel.iso(1.0)] * g2048.n_bands
+    out["emit_ms_2048_iso1_with_variance"] = _median_ms(
+        lambda: apply_kernels(x2048, g2048, iso1), rep)
     mixed = [Kernel.iso(1.0)] * 4 + [Kernel.ring(1.0, 20.0)] * (g2048.n_bands - 4)
-    out["emit_ms_2048_mixed_with_variance"] = _median_ms(
-        lambda: apply_kernels(x2048, g2048, mixed), max(1, rep // 2))
+    apply_kernels(x2048, g2048, mixed, variance=False)
+    for var in (False, True):
+        out["emit_ms_2048_mixed" + ("_with_variance" if var else "")] = _median_ms(
+            lambda v=var: apply_kernels(x2048, g2048, mixed, variance=v), 3)
     g1024 = geom(1024)
     x1024 = rng.poisson(2.0, (1024, 1024))
+    select_bandwidths(x1024, g1024, rng=rng, n_splits=1)  # builds the cached normalisers
     out["select_ms_1024"] = _median_ms(
-        lambda: select_bandwidths(x1024, g1024, rng=rng, n_splits=1), max(1, rep // 2))
+        lambda: select_bandwidths(x1024, g1024, rng=rng, n_splits=1), 3)
+    out["select_n_candidates"] = len(DEFAULT_CANDIDATES)
     iso_only = [Kernel.iso(s) for s in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)]
     out["select_ms_1024_iso_only_6"] = _median_ms(
-        lambda: select_bandwidths(x1024, g1024, rng=rng, n_splits=1, candidates=iso_only),
-        max(1, rep // 2))
+        lambda: select_bandwidths(x1024, g1024, rng=rng, n_splits=1, candidates=iso_only), 3)
+    out["select_ms_1024_first_call"] = _median_ms(
+        lambda: select_bandwidths(x1024, geom(1024), rng=rng, n_splits=1), 1)
     return out
 
 
