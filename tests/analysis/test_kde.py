@@ -155,3 +155,26 @@ def test_bad_geometry():
         Geometry(np.zeros((32, 32), bool), (16, 16))
     with pytest.raises(SmartbeamInputError, match="product"):
         select_bandwidths(np.ones((32, 32)), Geometry(mask, (16, 16)), product="ring")
+
+
+def test_fast_thinning_is_binomial_half():
+    rng = np.random.default_rng(11)
+    for count in (1, 7, 31, 40, 1000):  # 40 and 1000 take the rng.binomial fallback
+        x = np.full((200, 200), count, np.int32)
+        a, b = thin(x, rng)
+        assert np.array_equal(a + b, x) and a.min() >= 0
+        # mean n/2 and variance n/4 within ~5 standard errors of 40k draws
+        assert abs(a.mean() - count / 2) < 5 * np.sqrt(count / 4 / a.size)
+        assert abs(a.var() / (count / 4) - 1) < 0.05
+
+
+def test_accumulator_spills_before_int32_overflow(monkeypatch):
+    from smartbeam.analysis import kde_stream
+
+    monkeypatch.setattr(kde_stream, "_INT32_MAX", 100)
+    acc = FrameAccumulator()
+    frame = np.full((8, 8), 30, np.int32)
+    for _ in range(10):
+        acc.add(frame)
+    assert acc.total.dtype == np.int64 and np.all(acc.total == 300)
+    assert acc._bound <= 100
