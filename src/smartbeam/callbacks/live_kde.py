@@ -83,6 +83,18 @@ class LiveKDE(DerivedStreamRouter):
         rows in between carry NaN variance. 1 = every row.
     downstream
         Next consumer (Tiled writer or another router).
+
+    Notes
+    -----
+    Fields of each ``kde`` row: ``smoothed`` and ``variance`` (float32 frames; variance
+    is the per-pixel diagonal only, smoothed pixels are correlated), ``sigma_q``,
+    ``sigma_ring`` and ``band_edges`` per radial band, ``n_exposures``, ``exposure_s``,
+    ``cv_rel_error``, ``predicted_time_s``, ``target_rel_error``, ``kernel``,
+    ``beam_centre_source``, ``error``, and ``cv_speedup_half`` /
+    ``raw_equivalent_exposures`` (= speed-up x exposures). The speed-up is the
+    cross-validated chi^2-MSE ratio raw / smoothed measured on the thinned *half* of the
+    counts; it is a difference of noisy sums and usually falls with counts, so treat
+    ``raw_equivalent_exposures`` as indicative (it tends to overstate), not calibrated.
     """
 
     def __init__(self, mask: np.ndarray | None = None,
