@@ -26,6 +26,9 @@ __all__ = [
     "load_packaged_library",
     "cached_libraries",
     "get_library",
+    "save_calibration",
+    "load_threshold",
+    "make_fitter",
 ]
 
 #: Base name of the shipped default (Mn2+) library inside ``smartbeam/data``.
@@ -149,3 +152,64 @@ def get_library(params: LibraryParams | None = None, *, directory: str | os.Path
     lib = compute_library(params, n_jobs=n_jobs, progress=progress)
     save_library(lib, d)
     return lib
+
+
+def save_calibration(lib: SpectrumLibrary, calibration: dict,
+                     directory: str | os.PathLike, stem: str | None = None) -> Path:
+    """Write the rejection calibration of ``lib`` as ``<stem>.rejection.json``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{stem or lib.library_id}.rejection.json"
+    path.write_text(json.dumps(calibration, indent=2, sort_keys=True))
+    return path
+
+
+def load_threshold(lib: SpectrumLibrary, directory: str | os.PathLike | None = None
+                   ) -> float | None:
+    """Calibrated rejection threshold of ``lib`` (packaged or cached), ``None`` if absent."""
+    candidates = [resources.files("smartbeam") / "data" / f"{PACKAGED_LIBRARY}.rejection.json",
+                  cache_dir(directory) / f"{lib.library_id}.rejection.json"]
+    for c in candidates:
+        try:
+            cal = json.loads(c.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if cal.get("library_id") == lib.library_id:
+            return float(cal["threshold"])
+    return None
+
+
+def make_fitter(ion: str = "Mn2+", measure: str = "all", *, offset_range: float = 2.0,
+                params: LibraryParams | None = None, directory: str | os.PathLike | None = None,
+                compute: bool = False):
+    """A fitted :class:`~smartbeam.analysis.tendq.TenDqFitter` for ``ion`` with its
+    calibrated rejection threshold (packaged library for the default Mn2+).
+
+    Parameters
+    ----------
+    ion
+        Ion of the library when ``params`` is not given (default grid and broadening).
+    measure
+        ``"all"`` (consensus of the live measures) or one measure name.
+    offset_range
+        Largest |energy offset| searched (eV).
+    params, directory, compute
+        See :func:`get_library`. Without ``compute`` a missing library raises.
+    """
+    from .analysis.similarity import LIVE_MEASURES, MEASURES
+    from .analysis.tendq import TenDqFitter
+
+    params = params or LibraryParams(ion=ion)
+    lib = get_library(params, directory=directory, compute=compute)
+    if measure == "all":
+        measures = LIVE_MEASURES
+    elif measure in MEASURES:
+        measures = (measure,) if measure == "pearson" else (measure, "pearson")
+    else:
+        raise SmartbeamInputError(f"measure {measure!r} unknown: expected 'all' or one of "
+                                  f"{MEASURES}")
+    fitter = TenDqFitter(measures=measures, offset_range=offset_range,
+                         threshold=load_threshold(lib, directory))
+    if measure not in ("all", "pearson"):
+        fitter.consensus = (measure,)
+    return fitter.fit(lib)

@@ -163,7 +163,8 @@ class LibraryParams:
         """Hash of every parameter plus the code schema and edrixs version."""
         payload = json.dumps({"params": self.to_dict(), "schema": LIBRARY_SCHEMA,
                               "edrixs": _edrixs_version()}, sort_keys=True)
-        return f"{self.ion.strip().replace('+', 'p')}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+        digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return f"{self.ion.strip().replace('+', 'p')}-{digest}"
 
 
 def _edrixs_version() -> str:

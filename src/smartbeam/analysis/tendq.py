@@ -168,6 +168,8 @@ def rejection_score(y: np.ndarray, model: np.ndarray, sigma: float) -> float:
     signal = var - sigma ** 2
     if coef[0] <= 0:  # anti-correlated: certainly not this library
         return float("inf")
+    if signal < 0.5 * sigma ** 2:  # no signal above the noise: nothing to describe
+        return float("inf")
     return max(ssr - sigma ** 2, 0.0) / max(signal, 1e-12 * max(var, 1e-300))
 
 
@@ -339,8 +341,8 @@ class TenDqFitter:
             per[m], per_off[m], per_k[m] = dq, off, k
             per_sim[m] = float(similarity_from_dissimilarity(dmin, m))
         cons = [per[m] for m in self.consensus]
-        if len(self.measures) == 1:
-            measure = self.measures[0]
+        if len(self.consensus) == 1:
+            measure = self.consensus[0]
             ten_dq, offset = per[measure], per_off[measure]
             k_best = per_k[measure]
             sim = per_sim[measure]

@@ -33,7 +33,8 @@ from ..analysis.library import (
 from ..analysis.similarity import POINTWISE_MEASURES
 from ..analysis.tendq import CONSENSUS_MEASURES, TenDqFitter, calibrate_threshold
 
-__all__ = ["add_arguments", "run", "Simulator", "calibration_scores", "CONDITIONS"]
+__all__ = ["add_arguments", "run", "Simulator", "calibration_scores", "calibrate", "degrade",
+           "shifted", "CONDITIONS"]
 
 CONDITIONS = ("clean", "noise_1", "noise_5", "noise_10", "resolution_0.3", "resolution_0.5",
               "offset_1", "mismatch")
@@ -61,7 +62,8 @@ class Simulator:
         with threadpool_limits(1):
             self.ops: Operators = build_operators(self.params.ion, self.params.slater_scale)
         self.step = float(lib.energy[1] - lib.energy[0])
-        self.energy = lib.energy[0] - 4.0 + self.step * np.arange(len(lib.energy) + int(8 / self.step))
+        n = len(lib.energy) + int(round(8 / self.step))
+        self.energy = lib.energy[0] - 4.0 + self.step * np.arange(n)
 
     def clean(self, ten_dq: float) -> np.ndarray:
         """Broadened spectrum at ``ten_dq`` on :attr:`energy` (library alignment shift).
@@ -119,6 +121,28 @@ def calibration_scores(fitter: TenDqFitter, sim: Simulator, rng: np.random.Gener
         y = shifted(s, y, rng.uniform(-1, 1))
         scores.append(fitter.predict(s.energy, y).score)
     return np.asarray(scores)
+
+
+def calibrate(lib: SpectrumLibrary, *, n: int = 80, seed: int = 20240601,
+              quantile: float = 0.99, mismatch_scales: tuple[float, ...] = (0.7, 0.9),
+              progress: bool = True) -> dict:
+    """Calibrate the rejection threshold of ``lib`` on simulated in-library spectra.
+
+    Returns a JSON-serialisable dict (threshold, quantile, n, seed, score quantiles).
+    """
+    rng = np.random.default_rng(seed)
+    sim = Simulator(lib)
+    scale = lib.params.slater_scale
+    mism = [Simulator(lib, slater_scale=scale * s / 0.8) for s in mismatch_scales]
+    fitter = TenDqFitter(measures=("pearson",)).fit(lib)
+    scores = calibration_scores(fitter, sim, rng, n=n, mismatch_sims=mism, progress=progress)
+    return {"library_id": lib.library_id, "threshold": calibrate_threshold(scores, quantile),
+            "quantile": quantile, "n": int(n), "seed": int(seed),
+            "mismatch_slater_scales": [scale * s / 0.8 for s in mismatch_scales],
+            "in_library": "10Dq uniform over the grid, noise 0-10 %, extra FWHM 0-0.5 eV, "
+                          "offset +-1 eV",
+            "score_quantiles": {str(q): float(np.quantile(scores[np.isfinite(scores)], q))
+                                for q in (0.5, 0.9, 0.95, 0.99)}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
