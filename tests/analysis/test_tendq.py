@@ -1,0 +1,136 @@
+"""10Dq estimator: grid and between-grid recovery, offset search, rejection, flags."""
+
+import numpy as np
+import pytest
+
+from smartbeam.analysis.tendq import (
+    TenDqFitter,
+    noise_sigma,
+    rejection_score,
+    validate_spectrum,
+)
+from smartbeam.bench.tendq import Simulator, degrade, shifted
+from smartbeam.errors import SmartbeamInputError
+from smartbeam.library_store import load_packaged_library
+from smartbeam.readers.spectra import read_spectrum
+
+EELS = "/work/shared/data/eels_hyperspy/hyperspy_Mn_O_coreloss_spectrum.msa"
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return load_packaged_library()
+
+
+@pytest.fixture(scope="module")
+def sim(lib):
+    return Simulator(lib)
+
+
+@pytest.fixture(scope="module")
+def threshold(lib):
+    # the shipped calibration (simulated in-library spectra; see bench.tendq.calibrate)
+    from smartbeam.library_store import load_threshold
+
+    t = load_threshold(lib)
+    assert t is not None and 0 < t < 1
+    return t
+
+
+def test_grid_spectrum_recovered_exactly_enough(lib):
+    f = TenDqFitter().fit(lib)
+    for k in (5, 9, 17):
+        r = f.predict(lib.energy, lib.spectra[k])
+        assert r.ten_dq == pytest.approx(lib.ten_dq[k], abs=0.02)
+        assert r.offset == pytest.approx(0.0, abs=0.03)
+        assert r.similarity > 0.999
+
+
+@pytest.mark.parametrize("dq", [0.95, 1.37])
+def test_between_grid_spectrum(lib, sim, dq):
+    r = TenDqFitter().fit(lib).predict(sim.energy, sim.clean(dq))
+    assert r.ten_dq == pytest.approx(dq, abs=0.02)
+    for v in r.per_measure.values():
+        assert v is not None and np.isfinite(v)
+
+
+def test_offset_recovered(lib, sim):
+    y = shifted(sim, sim.clean(1.25), 0.73)
+    r = TenDqFitter().fit(lib).predict(sim.energy, y)
+    assert r.offset == pytest.approx(0.73, abs=0.05)
+    assert r.ten_dq == pytest.approx(1.25, abs=0.06)
+    # without the offset search the same spectrum gives a wrong 10Dq
+    r0 = TenDqFitter(offset_range=0.0).fit(lib).predict(sim.energy, y)
+    assert abs(r0.ten_dq - 1.25) > 3 * abs(r.ten_dq - 1.25)
+
+
+def test_noise_gives_uncertainty(lib, sim):
+    y = degrade(sim.clean(1.5), sim.step, np.random.default_rng(3), noise=0.05)
+    r = TenDqFitter().fit(lib).predict(sim.energy, y)
+    assert r.ten_dq == pytest.approx(1.5, abs=0.1)
+    assert 0 < r.sd < 0.3
+
+
+def test_other_ion_and_noise_rejected(lib, sim, threshold):
+    f = TenDqFitter(threshold=threshold).fit(lib)
+    other = Simulator(lib, ion="Ni2+")
+    r = f.predict(other.energy, other.clean(1.0))
+    assert not r.described and r.ten_dq is None and "not_described" in r.flags
+    assert r.score > threshold
+    noise = np.random.default_rng(0).normal(size=sim.energy.size)
+    assert not f.predict(sim.energy, noise).described
+    ok = f.predict(sim.energy, sim.clean(1.1))
+    assert ok.described and ok.score <= threshold
+
+
+def test_measured_eels_not_mn2_is_rejected(lib, threshold):
+    e, y = read_spectrum(EELS)
+    for offset_range in (2.0, 10.0):
+        r = TenDqFitter(threshold=threshold, offset_range=offset_range).fit(lib).predict(e, y)
+        assert not r.described, r
+
+
+def test_flags_edges_and_crossover(lib):
+    f = TenDqFitter().fit(lib)
+    assert "library_edge_low" in f.predict(lib.energy, lib.spectra[0]).flags
+    k = int(np.flatnonzero(np.diff(lib.segment))[0])
+    r = f.predict(lib.energy, lib.spectra[k])
+    assert "near_spin_crossover" in r.flags
+    assert "uncalibrated" in r.flags
+
+
+def test_json_dict_shape(lib):
+    r = TenDqFitter().fit(lib).predict(lib.energy, lib.spectra[9])
+    d = r.to_dict(file="x.msa")
+    assert set(d) >= {"file", "described", "ten_dq_eV", "sd_eV", "offset_eV", "measure",
+                      "per_measure", "flags", "score"}
+    assert d["measure"] == "consensus" and isinstance(d["per_measure"]["pearson"], float)
+
+
+def test_validation_errors(lib):
+    e = np.linspace(600, 700, 100)
+    with pytest.raises(SmartbeamInputError, match="no data"):
+        validate_spectrum([], [])
+    with pytest.raises(SmartbeamInputError, match="non-finite"):
+        validate_spectrum(e, np.where(e > 650, np.nan, 1.0))
+    with pytest.raises(SmartbeamInputError, match="increasing"):
+        validate_spectrum(e[::-1], e)
+    f = TenDqFitter().fit(lib)
+    with pytest.raises(SmartbeamInputError, match="misses the edge"):
+        f.predict(np.linspace(500, 600, 200), np.ones(200))
+
+
+def test_calibrate_threshold_quantile():
+    from smartbeam.analysis.tendq import calibrate_threshold
+
+    assert calibrate_threshold(np.arange(101.0), 0.9) == pytest.approx(90.0)
+    with pytest.raises(SmartbeamInputError):
+        calibrate_threshold(np.array([np.inf]))
+
+
+def test_scores_and_noise_estimate():
+    rng = np.random.default_rng(1)
+    x = np.sin(np.linspace(0, 6, 2000))
+    assert noise_sigma(x + rng.normal(0, 0.1, x.size)) == pytest.approx(0.1, rel=0.1)
+    assert rejection_score(2 * x + 1, x, 0.0) == pytest.approx(0.0, abs=1e-12)
+    assert rejection_score(-x, x, 0.0) == float("inf")
