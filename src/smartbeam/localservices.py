@@ -362,8 +362,21 @@ class ReManager:
         return self
 
     def stop(self) -> None:
-        """Stop the manager and its worker."""
+        """Stop the manager, its worker and whatever the worker started (twin IOCs run
+        in sessions of their own, so the process-group signal does not reach them)."""
+        import psutil
+
+        try:
+            descendants = psutil.Process(self.proc.pid).children(recursive=True)
+        except (psutil.Error, AttributeError):
+            descendants = []
         _stop(self.proc, timeout=30)
+        for child in descendants:
+            try:
+                child.terminate()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(descendants, timeout=10)
         if self._out not in (None, subprocess.DEVNULL):
             self._out.close()
 

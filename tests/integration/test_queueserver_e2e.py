@@ -58,12 +58,28 @@ def services(tmp_path_factory):
                 yield {"RM": RM, "tiled": tiled, "key": key, "redis": redis, "tmp": tmp,
                        "manager_log": tmp / "manager.log"}
             finally:
-                try:
-                    if RM.status()["worker_environment_exists"]:
-                        RM.environment_close()
-                        RM.wait_for_idle(timeout=60)
-                finally:
-                    RM.close()
+                _close_env(RM)
+                RM.close()
+
+
+def _close_env(RM) -> None:
+    """Close the worker (so its atexit stops the twin IOCs), even mid-plan after a failure."""
+    status = RM.status()
+    if not status["worker_environment_exists"]:
+        return
+    try:
+        if status["manager_state"] != "idle":
+            RM.queue_stop()
+            if status["re_state"] == "running":
+                RM.re_pause(option="immediate")
+                RM.wait_for_idle_or_paused(timeout=30)
+                RM.re_abort()
+            RM.wait_for_idle(timeout=60)
+        RM.environment_close()
+        RM.wait_for_idle(timeout=60)
+    except Exception:
+        RM.environment_destroy()
+        RM.wait_for_idle(timeout=30)
 
 
 def _open_env(RM, log: Path) -> None:
