@@ -45,9 +45,10 @@ def iocs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def beamline_devices(iocs):
     """Connected EPICS devices of the three twins: {"xmcd", "stxm", "sans"}."""
-    from smartbeam.beamline import make_devices
+    from smartbeam.beamline import SIM_CALIBRATION, make_devices
 
-    return make_devices({inst: proc.prefix for inst, proc in iocs.items()})
+    return make_devices({inst: proc.prefix for inst, proc in iocs.items()},
+                        calibration=SIM_CALIBRATION)
 
 
 @pytest.fixture(scope="session")

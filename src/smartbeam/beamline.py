@@ -19,6 +19,9 @@ __all__ = ["INSTRUMENTS", "Beamline", "sim_enabled"]
 
 INSTRUMENTS = ("xmcd", "stxm", "sans")
 DEVICE_NAMES = {"xmcd": "xmcd", "stxm": "stxm", "sans": "sans_det"}
+# Calibration of the simulated instruments, as beamline staff would enter it for real
+# ones (the SANS twin's direct beam is slightly off the detector centre).
+SIM_CALIBRATION = {"sans": {"beam_centre": (63.7, 64.2)}}
 
 
 def sim_enabled() -> bool:
@@ -62,8 +65,14 @@ class Beamline:
     def start(self, connect_timeout: float = 10.0) -> dict:
         """Start twins (in simulation), configure CA, create and connect the devices."""
         self.start_iocs()
-        self.devices = make_devices(self.prefixes, connect_timeout=connect_timeout)
+        self.devices = make_devices(self.prefixes, connect_timeout=connect_timeout,
+                                    calibration=self.calibration)
         return self.devices
+
+    @property
+    def calibration(self) -> dict:
+        """Per-instrument device keyword arguments (the twins' calibration in simulation)."""
+        return SIM_CALIBRATION if self.sim else {}
 
     def start_iocs(self) -> dict[str, str]:
         """Start the twins (in simulation) and configure CA; returns the PV prefixes.
@@ -108,12 +117,18 @@ class Beamline:
         self.stop()
 
 
-def make_devices(prefixes: dict[str, str], connect_timeout: float = 10.0) -> dict:
-    """Create and connect the device of each instrument in ``prefixes``."""
+def make_devices(prefixes: dict[str, str], connect_timeout: float = 10.0,
+                 calibration: dict | None = None) -> dict:
+    """Create and connect the device of each instrument in ``prefixes``.
+
+    ``calibration`` maps an instrument to extra keyword arguments of its device class
+    (e.g. ``{"sans": {"beam_centre": (63.7, 64.2)}}``).
+    """
     from .devices import STXM, SANSDetector, XMCDEndstation, connect_devices
 
     classes = {"xmcd": XMCDEndstation, "stxm": STXM, "sans": SANSDetector}
-    devices = {inst: classes[inst](prefix, name=DEVICE_NAMES[inst])
+    calibration = calibration or {}
+    devices = {inst: classes[inst](prefix, name=DEVICE_NAMES[inst], **calibration.get(inst, {}))
                for inst, prefix in prefixes.items()}
     connect_devices(*devices.values(), timeout=connect_timeout)
     return devices

@@ -87,7 +87,7 @@ def _run(beamline, data_dir, output: Path, quick: bool) -> DemoResult:
     from .session import analysis_chain
     from .storage import Storage
 
-    devices = make_devices(beamline.prefixes)
+    devices = make_devices(beamline.prefixes, calibration=beamline.calibration)
     result = DemoResult()
     with Storage(data_dir) as store:
         result.data_dir = store.data_dir
@@ -156,17 +156,18 @@ def _sans_step(RE, devices, store, result: DemoResult, output: Path, quick: bool
     from .storage import read_stream
 
     sans = devices["sans"]
+    target = 0.02
     (uid,) = RE(sans_kde_count(sans, exposure=1.0, max_exposures=30 if quick else 100,
-                               target_rel_error=0.25, cadence=5, beamstop_radius_px=4.0),
+                               target_rel_error=target, cadence=5, beamstop_radius_px=4.0),
                 sample="silica 60 nm (twin)")
     run = store.runs[uid]
     n = run.metadata["stop"]["num_events"]["primary"]
     summary = f"{n} exposures"
     if "kde" in run:
-        kde = read_stream(run, "kde")
-        keys = [k for k in kde if "rel_error" in k]
-        if keys:
-            summary += f", CV rel. error {kde[keys[0]][-1]:.3f}"
+        kde = read_stream(run, "kde", keys=["cv_rel_error", "predicted_time_s", "error"])
+        summary += (f"; CV rel. error {kde['cv_rel_error'][-1]:.3f} (target {target}), "
+                    f"predicted time to target {kde['predicted_time_s'][-1]:.0f} s")
+        if kde["error"][-1]:
+            summary += f"; analysis flag: {kde['error'][-1]}"
     result.add("SANS live KDE", run, summary, n)
-    for png in sorted(output.glob("kde_*.png")):
-        result.pngs.append(png)
+    result.pngs.extend(sorted(output.glob(f"kde_{uid[:8]}*.png")))

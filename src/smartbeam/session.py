@@ -63,4 +63,7 @@ def analysis_chain(writer, *, png_dir: str | os.PathLike | None = None):
     png_dir
         Where end-of-run PNGs go (default: the current directory).
     """
-    return writer
+    from .callbacks.live_kde import LiveKDE
+
+    # LiveKDE is inert for runs without a 2-D image or with md {"kde": False}.
+    return LiveKDE(png_path=png_dir or ".", downstream=writer)

@@ -22,6 +22,9 @@ class SANSDetector(Device):
         ``{name}_image_y``, ``{name}_image_x``).
     shape
         Detector shape ``(ny, nx)``; default 128 × 128.
+    beam_centre
+        Calibrated direct-beam position ``(x, y)`` in pixels, if known; plans and the
+        live KDE use it for radial bands and sector averages.
 
     Notes
     -----
@@ -44,11 +47,14 @@ class SANSDetector(Device):
                      kind=Kind.config)
 
     def __init__(self, prefix: str = "", *, name: str,
-                 shape: tuple[int, int] = (128, 128), **kwargs) -> None:
+                 shape: tuple[int, int] = (128, 128),
+                 beam_centre: tuple[float, float] | None = None, **kwargs) -> None:
         super().__init__(prefix, name=name, **kwargs)
         if len(shape) != 2 or min(shape) < 1:
             raise ValueError(f"{name}: shape {shape!r} is not a (ny, nx) pair of positive ints")
         self.image.image_shape = (int(shape[0]), int(shape[1]))
+        self.beam_centre = None if beam_centre is None else (float(beam_centre[0]),
+                                                             float(beam_centre[1]))
 
     def trigger(self):
         """Take one frame; the status completes when the frame is in ``image``."""

@@ -82,7 +82,9 @@ def stxm_image(stxm: Readable, *, x_range: list[float], y_range: list[float], pi
     _md = {"plan_name": "stxm_image", "detectors": [stxm.name], "motors": [stxm.energy.name],
            "plan_args": {"x_range": list(x_range), "y_range": list(y_range), "pixel": pixel,
                          "energies": list(energies), "polarisations": pols, "dwell": dwell},
-           "shape": [ny, nx], "pixel_um": pixel}
+           "shape": [ny, nx], "pixel_um": pixel,
+           # STXM images are not SANS frames: keep the live KDE out of these runs.
+           "kde": False}
     _md.update(md or {})
 
     @bpp.run_decorator(md=_md)
