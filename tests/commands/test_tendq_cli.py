@@ -70,3 +70,15 @@ def test_library_list_and_build_cached(tmp_path, capsys):
         a = _parser(library).parse_args(["library", "build", "--ion", "Xx9+"])
         a.func(a)
     assert np.isfinite(out["entries"])
+
+
+def test_mds_command_writes_png(tmp_path, capsys):
+    from smartbeam.commands import mds
+
+    out = tmp_path / "map.png"
+    args = _parser(mds).parse_args(["mds", EELS, "-o", str(out)])
+    assert args.func(args) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SmartbeamInputError, match="png"):
+        a = _parser(mds).parse_args(["mds", EELS, "-o", str(tmp_path / "map.txt")])
+        a.func(a)

@@ -1,0 +1,1 @@
+"""Matplotlib figures (Agg backend, PNG files) of smartbeam results."""
