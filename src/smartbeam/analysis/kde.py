@@ -27,6 +27,7 @@ from .kde_filters import IsoFilter, PolarGrid, masked_gaussian, ring_gaussian
 __all__ = [
     "DEFAULT_CANDIDATES",
     "PRODUCTS",
+    "ErrorModel",
     "Geometry",
     "KDEResult",
     "Kernel",
@@ -331,7 +332,14 @@ def thin(counts: np.ndarray, rng: np.random.Generator, p: float = 0.5
 
 @dataclass
 class Selection:
-    """Result of cross-validated bandwidth selection.
+    """Result of cross-validated bandwidth selection, with a bias-variance error model.
+
+    All error terms are measured at *half* the counts (one thinned half) and summed over
+    the product bins of each radial band. For a fixed kernel the squared bias grows like
+    the counts squared and the variance like the counts, so relative to the signal the
+    squared error at ``scale`` times the accumulated counts is
+    ``(bias2 + variance / (2 * scale)) / signal2``; :meth:`rel_error_at` uses this, with
+    the kernel per band that the chi^2 criterion would pick at that count level.
 
     Attributes
     ----------
@@ -342,20 +350,30 @@ class Selection:
     band_edges
         Radii (px) of the band edges, ``len(kernels) + 1`` values.
     cv_score
-        ``(n_candidates, n_bands)`` cross-validation score (lower is better).
+        ``(n_candidates, n_bands)`` chi^2-weighted cross-validation score (lower is better).
     candidates
         The candidate kernels, in ``cv_score`` row order.
     rel_error_half
         Estimated relative RMS error of the product at *half* the counts (from the
-        thinned half), overall; NaN if it cannot be estimated (e.g. no counts).
+        thinned halves), overall; NaN if it cannot be estimated (e.g. no counts).
     rel_error_half_bands
         Same, per band.
     speedup_half
         Cross-validated speed-up at equal chi^2-MSE of the chosen kernels over no
-        smoothing, at *half* the counts (the thinned half): MSE_raw / MSE_chosen with the
-        Poisson noise of the scoring half subtracted from both. NaN when ``Kernel.iso(0)``
-        is not a candidate or the estimate is not positive. The speed-up usually falls
-        as counts grow, so at the full counts it is typically somewhat lower.
+        smoothing, at *half* the counts: MSE_raw / MSE_chosen with the Poisson noise of
+        the scoring half subtracted from both. NaN when ``Kernel.iso(0)`` is not a
+        candidate or the estimate is not positive. Indicative only (difference of noisy
+        sums).
+    bias2, variance
+        ``(n_candidates, n_bands)`` unweighted squared bias (clipped at 0; exactly 0 for
+        no smoothing) and variance of the product, at half the counts. The variance is
+        measured as half the squared difference of the two smoothed halves.
+    bias2_chi2, variance_chi2
+        The same, chi^2-weighted (used to pick the kernel at another count level).
+    signal2
+        Per band, sum of the squared mean product at half the counts (pilot estimate).
+    present
+        Bands that hold at least one scored bin.
     """
 
     product: str
@@ -366,13 +384,176 @@ class Selection:
     rel_error_half: float
     rel_error_half_bands: np.ndarray
     speedup_half: float = float("nan")
+    bias2: np.ndarray | None = None
+    variance: np.ndarray | None = None
+    bias2_chi2: np.ndarray | None = None
+    variance_chi2: np.ndarray | None = None
+    signal2: np.ndarray | None = None
+    present: np.ndarray | None = None
+
+    def error_model(self, exposure: float = 1.0) -> ErrorModel | None:
+        """The bias-variance :class:`ErrorModel` of this selection.
+
+        Parameters
+        ----------
+        exposure
+            Counting time of the counts the selection was made on (any unit; the model's
+            times are in the same unit).
+
+        Returns
+        -------
+        ErrorModel or None
+            ``None`` when the error terms cannot be estimated (e.g. no counts).
+        """
+        if (self.bias2 is None or self.signal2 is None or not np.isfinite(self.rel_error_half)
+                or not exposure > 0):
+            return None
+        p = self.present
+        total = float(self.signal2[p].sum())
+        if not total > 0:
+            return None
+        half = exposure / 2.0
+        chosen = np.array([self.candidates.index(k) for k in self.kernels])[p]
+        return ErrorModel(rel_bias2=self.bias2[:, p] / total,
+                          rel_var_time=self.variance[:, p] / total * half,
+                          chi2_bias2_rate=self.bias2_chi2[:, p] / half,
+                          chi2_var=self.variance_chi2[:, p].copy(), chosen=chosen,
+                          exposure=float(exposure))
+
+    def rel_error_at(self, scale: float, *, chosen: bool = False) -> float:
+        """Predicted relative RMS error of the product at ``scale`` x the current counts.
+
+        ``chosen``: keep the kernels chosen now instead of the kernel the chi^2 criterion
+        would pick at that count level. NaN when the error model is unavailable.
+        """
+        model = self.error_model(1.0)
+        return float("nan") if model is None else model.rel_error(scale, chosen=chosen)
+
+    def scale_to_target(self, target: float) -> float:
+        """Count level (x the current counts) at which the error model meets ``target``.
+
+        ``< 1`` when the target is already met; ``inf`` when it is never met on the model
+        or the model is unavailable.
+        """
+        if not (np.isfinite(target) and target > 0):
+            raise SmartbeamInputError(f"target={target!r}: expected a relative error > 0")
+        model = self.error_model(1.0)
+        return float("inf") if model is None else model.time_to_target(target)
+
+
+@dataclass
+class ErrorModel:
+    """Relative error of the KDE product as a function of counting time (stationary sample).
+
+    For a fixed kernel the squared bias grows like the counts squared and the variance
+    like the counts, so relative to the squared signal the bias term is constant and the
+    variance term falls as 1/T. At each time the kernel per band is the one the chi^2
+    cross-validation criterion would pick there (chi^2 bias grows like T, chi^2 variance
+    is constant). All arrays are ``(n_candidates, n_bands)`` over the bands with data.
+
+    Attributes
+    ----------
+    rel_bias2
+        Squared bias / total squared signal.
+    rel_var_time
+        Variance / total squared signal x time.
+    chi2_bias2_rate
+        chi^2-weighted squared bias / time.
+    chi2_var
+        chi^2-weighted variance.
+    chosen
+        Candidate index of the kernels chosen at ``exposure``, per band.
+    exposure
+        Time of the counts the model was measured on (the latest, when pooled).
+    """
+
+    rel_bias2: np.ndarray
+    rel_var_time: np.ndarray
+    chi2_bias2_rate: np.ndarray
+    chi2_var: np.ndarray
+    chosen: np.ndarray
+    exposure: float
+
+    def rel_error_time(self, time: float | np.ndarray, *, chosen: bool = False
+                       ) -> float | np.ndarray:
+        """Predicted relative RMS error after a total counting time ``time`` (> 0)."""
+        t = np.atleast_1d(np.asarray(time, dtype=float))[:, None, None]
+        if chosen:
+            cols = np.arange(self.chosen.size)
+            err = (self.rel_bias2[self.chosen, cols][None]
+                   + self.rel_var_time[self.chosen, cols][None] / t[:, 0])
+        else:
+            pick = np.argmin(self.chi2_bias2_rate[None] * t + self.chi2_var[None], axis=1)
+            b2 = np.take_along_axis(np.broadcast_to(self.rel_bias2, (t.shape[0],)
+                                                    + self.rel_bias2.shape),
+                                    pick[:, None, :], axis=1)[:, 0]
+            v = np.take_along_axis(np.broadcast_to(self.rel_var_time, (t.shape[0],)
+                                                   + self.rel_var_time.shape),
+                                   pick[:, None, :], axis=1)[:, 0]
+            err = b2 + v / t[:, 0]
+        rel = np.sqrt(err.sum(axis=1))
+        return rel if np.ndim(time) else float(rel[0])
+
+    def rel_error(self, scale: float, *, chosen: bool = False) -> float:
+        """:meth:`rel_error_time` at ``scale`` x ``exposure``."""
+        return float(self.rel_error_time(scale * self.exposure, chosen=chosen))
+
+    def time_to_target(self, target: float) -> float:
+        """Total counting time at which the predicted relative error meets ``target``.
+
+        Returns
+        -------
+        float
+            In the unit of ``exposure``; ``inf`` if never met on the model.
+        """
+        if not (np.isfinite(target) and target > 0):
+            raise SmartbeamInputError(f"target={target!r}: expected a relative error > 0")
+        log_t = np.log(self.exposure) + np.arange(-10.0, 30.0, 0.02) * np.log(2.0)
+        rel = self.rel_error_time(np.exp(log_t))
+        hit = np.flatnonzero(rel <= target)
+        if hit.size == 0:
+            return float("inf")
+        i = int(hit[0])
+        if i == 0:
+            return float(np.exp(log_t[0]))
+        # log-log interpolation between the grid points around the crossing
+        y0, y1 = np.log(rel[i - 1]), np.log(rel[i])
+        f = (y0 - np.log(target)) / (y0 - y1) if y0 != y1 else 1.0
+        return float(np.exp(log_t[i - 1] + f * (log_t[i] - log_t[i - 1])))
+
+    @classmethod
+    def pooled(cls, models: Sequence[ErrorModel]) -> ErrorModel:
+        """Average of models of one stationary sample, weighted by their exposure.
+
+        Each model's terms are count-independent on a stationary sample, so averaging the
+        models of successive emits (independent random halvings, more counts) lowers the
+        noise of the prediction; later models, measured on more counts, weigh more.
+        """
+        models = [m for m in models if m is not None]
+        if not models:
+            raise SmartbeamInputError("no error model to pool: expected at least one")
+        shape = models[-1].rel_bias2.shape
+        models = [m for m in models if m.rel_bias2.shape == shape]
+        w = np.array([m.exposure for m in models], float)
+        w /= w.sum()
+
+        def avg(name: str) -> np.ndarray:
+            return np.tensordot(w, np.stack([getattr(m, name) for m in models]), axes=1)
+
+        return cls(avg("rel_bias2"), avg("rel_var_time"), avg("chi2_bias2_rate"),
+                   avg("chi2_var"), models[-1].chosen.copy(), models[-1].exposure)
 
 
 def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = "map",
-                      candidates: Sequence[Kernel] = DEFAULT_CANDIDATES, n_splits: int = 2,
+                      candidates: Sequence[Kernel] = DEFAULT_CANDIDATES, n_splits: int = 1,
                       rng: np.random.Generator | int | None = None,
                       max_score_pixels: int | None = 65536) -> Selection:
     """Choose a kernel per radial band by cross-validation on binomially thinned halves.
+
+    Each random halving ``A + B = X`` is used both ways (smooth A, score against B, and
+    vice versa: two-fold CV); half the squared difference of the two smoothed halves
+    measures each candidate's variance, which splits the CV error into bias and variance
+    (:class:`Selection` error model).
 
     Parameters
     ----------
@@ -386,7 +567,8 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
     candidates
         Kernels to try; should include ``Kernel.iso(0)`` (no smoothing).
     n_splits
-        Number of independent random halvings averaged (reduces CV noise).
+        Number of independent random halvings averaged (reduces CV noise); each costs
+        two smoothings per candidate.
     rng
         Random generator or seed for the thinning.
     max_score_pixels
@@ -418,6 +600,8 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
     pilot_mean = float(pilot[geometry.mask].mean())
     floor = max(0.05 * pilot_mean, 1e-12)
     pilot_p = profile(np.maximum(pilot, floor)).astype(np.float64)
+    # the signal (for relative errors) from the unfloored pilot
+    pilot_signal = profile(np.maximum(pilot, 0.0)).astype(np.float64)
     if idx is not None:
         nb = np.ones(idx.size)
         band_of = geometry.band.ravel()[idx]
@@ -425,45 +609,70 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         nb = _bin_counts(geometry, product)
         band_of = _bin_band(geometry, product)
     ok = np.isfinite(pilot_p) & (nb > 0)
+    nb_safe = np.where(nb > 0, nb, 1.0)
     # raw variance of each product bin per unit pilot density: mu / N_bin
     weight = np.where(ok, nb / np.where(ok, pilot_p, 1.0), 0.0)
     n_bands = geometry.n_bands
-    score = np.zeros((len(candidates), n_bands))
-    mse = np.zeros((len(candidates), n_bands))
+    shape = (len(candidates), n_bands)
+    score, mse, var, var_w = (np.zeros(shape) for _ in range(4))
     sig2 = np.zeros(n_bands)
     chi2_noise = np.zeros(n_bands)
     polar = geometry.polar
+
+    def band_sum(values: np.ndarray) -> np.ndarray:
+        return np.bincount(band_of, weights=values, minlength=n_bands)
+
     for _ in range(n_splits):
-        a, b = thin(x, rng)
-        pb = np.where(ok, profile(b).astype(np.float64), 0.0)
-        noise_b = np.where(ok, pb / np.where(nb > 0, nb, 1.0), 0.0)
-        chi2_noise += np.bincount(band_of, weights=noise_b * weight, minlength=n_bands)
-        a32 = geometry.masked32(a, slot=2)
-        a_cells = None
+        halves = thin(x, rng)
+        h32 = [geometry.masked32(h, slot=2 + j) for j, h in enumerate(halves)]
+        raw = [np.where(ok, profile(h).astype(np.float64), 0.0) for h in h32]
+        # Poisson variance of one half's bin, estimated by its own (unbiased) counts
+        noise = np.where(ok, 0.5 * (raw[0] + raw[1]) / nb_safe, 0.0)
+        chi2_noise += band_sum(noise * weight)
+        cells: list[np.ndarray | None] = [None, None]
         for c, kern in enumerate(candidates):
-            if kern.kind == "iso":
-                sa = a32 if kern.sigma_q <= 0 else geometry.iso_filter(kern.sigma_q).apply(a32)
-                pa = profile(sa)
-            else:
-                if a_cells is None:
-                    a_cells = polar.to_cells(a32)
-                cell_val = polar.filter_cells(a_cells, kern.sigma_q, kern.sigma_ring)
-                cell_val *= polar.inv_den(kern.sigma_q, kern.sigma_ring)
-                # only the scored pixels are read back from the polar cells
-                pa = (cell_val.ravel()[polar.cell.ravel()[idx]] if idx is not None
-                      else profile(polar.to_pixels(cell_val)))
-            pa = np.where(ok, pa.astype(np.float64), 0.0)
-            err = (pa - pb) ** 2
-            score[c] += np.bincount(band_of, weights=err * weight, minlength=n_bands)
-            # unbiased for E(est - mu/2)^2: subtract the Poisson variance of the B profile
-            mse[c] += np.bincount(band_of, weights=err - noise_b, minlength=n_bands)
-        sig2 += np.bincount(band_of, weights=np.where(ok, (pilot_p / 2) ** 2, 0.0),
-                            minlength=n_bands)
+            est = []
+            for j in (0, 1):
+                if kern.kind == "iso":
+                    sm = h32[j] if kern.sigma_q <= 0 else \
+                        geometry.iso_filter(kern.sigma_q).apply(h32[j])
+                    pj = profile(sm)
+                else:
+                    if cells[j] is None:
+                        cells[j] = polar.to_cells(h32[j])
+                    cell_val = polar.filter_cells(cells[j], kern.sigma_q, kern.sigma_ring)
+                    cell_val *= polar.inv_den(kern.sigma_q, kern.sigma_ring)
+                    # only the scored pixels are read back from the polar cells
+                    pj = (cell_val.ravel()[polar.cell.ravel()[idx]] if idx is not None
+                          else profile(polar.to_pixels(cell_val)))
+                est.append(np.where(ok, pj.astype(np.float64), 0.0))
+            # two-fold CV: each smoothed half scored against the other raw half
+            err = 0.5 * ((est[0] - raw[1]) ** 2 + (est[1] - raw[0]) ** 2)
+            score[c] += band_sum(err * weight)
+            # unbiased for E(est - mu/2)^2: subtract the Poisson variance of the raw half
+            mse[c] += band_sum(err - noise)
+            # E (est_A - est_B)^2 / 2 = Var(est) of one half (A, B independent, same mean)
+            d2 = 0.5 * (est[0] - est[1]) ** 2
+            var[c] += band_sum(d2)
+            var_w[c] += band_sum(d2 * weight)
+        sig2 += band_sum(np.where(ok, (pilot_signal / 2) ** 2, 0.0))
+    for arr in (score, mse, var, var_w, sig2, chi2_noise):
+        arr /= n_splits
     best = np.argmin(score, axis=0)
     present = np.bincount(band_of[ok], minlength=n_bands) > 0
     kernels = [candidates[int(best[b])] if present[b] else candidates[0] for b in range(n_bands)]
-    mse_best = np.maximum(mse[best, np.arange(n_bands)] / n_splits, 0.0)
-    sig2 /= n_splits
+    mse_best = np.maximum(mse[best, np.arange(n_bands)], 0.0)
+    # bias^2 = MSE - variance (no smoothing is unbiased by construction). The MSE
+    # estimate carries the noise of the raw half, (B - mu/2)^2 - B, common to every kernel
+    # of a band: clipped at 0 it acts as a small bias floor, which makes predictions for
+    # targets far below the current error conservative (counting longer, never beyond
+    # what raw data would need). A soft threshold at that noise was tried and undershot.
+    bias2 = np.maximum(mse - var, 0.0)
+    bias2_w = np.maximum(score - chi2_noise[None, :] - var_w, 0.0)
+    for c, kern in enumerate(candidates):
+        if kern == Kernel.iso(0):
+            bias2[c] = 0.0
+            bias2_w[c] = 0.0
     with np.errstate(invalid="ignore", divide="ignore"):
         rel_bands = np.where(sig2 > 0, np.sqrt(mse_best / sig2), np.nan)
         total = sig2[present].sum()
@@ -479,8 +688,8 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         est_err = score[chosen[present], np.flatnonzero(present)].sum() - noise
         if raw_err > 0 and est_err > 0:
             speedup = float(raw_err / est_err)
-    return Selection(product, kernels, geometry.band_edges.copy(), score / n_splits,
-                     candidates, rel, rel_bands, speedup)
+    return Selection(product, kernels, geometry.band_edges.copy(), score, candidates, rel,
+                     rel_bands, speedup, bias2, var, bias2_w, var_w, sig2, present)
 
 
 @dataclass
@@ -600,7 +809,7 @@ def apply_kernels(counts: np.ndarray, geometry: Geometry, kernels: Sequence[Kern
 
 
 def kde_estimate(counts: np.ndarray, geometry: Geometry, *, product: str = "map",
-                 candidates: Sequence[Kernel] = DEFAULT_CANDIDATES, n_splits: int = 2,
+                 candidates: Sequence[Kernel] = DEFAULT_CANDIDATES, n_splits: int = 1,
                  rng: np.random.Generator | int | None = None,
                  kernels: Sequence[Kernel] | None = None,
                  variance: bool = True) -> KDEResult:
@@ -632,8 +841,8 @@ def kde_estimate(counts: np.ndarray, geometry: Geometry, *, product: str = "map"
         sel = select_bandwidths(x, geometry, product=product, candidates=candidates,
                                 n_splits=n_splits, rng=rng)
         kernels = sel.kernels
-        # relative error falls ~ 1/sqrt(counts) at fixed kernel: half -> full counts
-        rel = sel.rel_error_half / np.sqrt(2)
+        # bias-variance model of the chosen kernels, from half to the full counts
+        rel = sel.rel_error_at(1.0, chosen=True)
     sm, var = apply_kernels(x, geometry, list(kernels), variance=variance)
     return KDEResult(sm, var, geometry.mask, list(kernels), geometry.band_edges.copy(),
                      product, rel, sel)

@@ -16,6 +16,7 @@ from smartbeam.errors import SmartbeamInputError
 
 from .kde import (
     DEFAULT_CANDIDATES,
+    ErrorModel,
     Geometry,
     KDEResult,
     Kernel,
@@ -150,7 +151,7 @@ class StreamingKDE:
     """
 
     def __init__(self, geometry: Geometry, *, product: str = "map",
-                 candidates: Sequence[Kernel] = DEFAULT_CANDIDATES, n_splits: int = 2,
+                 candidates: Sequence[Kernel] = DEFAULT_CANDIDATES, n_splits: int = 1,
                  seed: int | None = 0, check: bool = True) -> None:
         self.geometry = geometry
         self.product = product
@@ -160,6 +161,8 @@ class StreamingKDE:
         self.acc = FrameAccumulator(geometry.shape, check=check)
         self.history_exposure: list[float] = []
         self.history_rel_error: list[float] = []
+        self.last: KDEResult | None = None
+        self.models: list[ErrorModel] = []
 
     @property
     def n_frames(self) -> int:
@@ -191,9 +194,24 @@ class StreamingKDE:
                            variance=variance)
         self.history_exposure.append(self.acc.exposure)
         self.history_rel_error.append(res.rel_error)
+        self.last = res
+        model = None if res.selection is None else res.selection.error_model(self.acc.exposure)
+        if model is not None:
+            self.models.append(model)
         return res
 
     def predicted_time(self, target_rel_error: float) -> float:
-        """Total exposure (s) predicted to reach ``target_rel_error``; ``inf`` if unknown."""
+        """Total exposure (s) predicted to reach ``target_rel_error``; ``inf`` if unknown.
+
+        Uses the bias-variance :class:`~smartbeam.analysis.kde.ErrorModel` of the
+        selections made so far, pooled (exposure-weighted): the squared bias and the
+        variance of every candidate kernel, measured on the accumulated counts, are
+        extrapolated to other counting times, with the kernel the cross-validation would
+        pick there. Not later than raw (unsmoothed) data would reach the target, up to
+        the noise of the estimate, since no smoothing is a candidate. Falls back to a
+        power-law fit of the error history when no model is available.
+        """
+        if self.models:
+            return ErrorModel.pooled(self.models).time_to_target(target_rel_error)
         return predict_time_to_target(self.history_exposure, self.history_rel_error,
                                       target_rel_error)
