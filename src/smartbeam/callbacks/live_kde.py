@@ -88,8 +88,14 @@ class LiveKDE(DerivedStreamRouter):
     -----
     Fields of each ``kde`` row: ``smoothed`` and ``variance`` (float32 frames; variance
     is the per-pixel diagonal only, smoothed pixels are correlated), ``sigma_q``,
-    ``sigma_ring`` and ``band_edges`` per radial band, ``n_exposures``, ``exposure_s``,
-    ``cv_rel_error``, ``predicted_time_s``, ``target_rel_error``, ``kernel``,
+    ``sigma_ring``, ``pixels_averaged`` and ``band_edges`` per radial band (a ring kernel
+    such as ``sigma_q=0, sigma_ring=60`` smooths strongly along the ring: read
+    ``sigma_q`` together with ``sigma_ring``), ``n_exposures``, ``exposure_s``,
+    ``cv_rel_error`` (relative RMS error of the product, sqrt(sum MSE / sum mu^2), from
+    the cross-validated bias-variance model), ``predicted_time_s`` (total exposure to
+    reach the target, from that model pooled over the run's rows; see
+    :meth:`smartbeam.analysis.kde_stream.StreamingKDE.predicted_time`),
+    ``target_rel_error``, ``kernel``,
     ``beam_centre_source``, ``error``, and ``cv_speedup_half`` /
     ``raw_equivalent_exposures`` (= speed-up x exposures). The speed-up is the
     cross-validated chi^2-MSE ratio raw / smoothed measured on the thinned *half* of the
@@ -279,6 +285,7 @@ class LiveKDE(DerivedStreamRouter):
         edges = g.band_edges[1:] if g is not None else np.full(1, np.nan)
         sq = np.full(nb, np.nan)
         sr = sq.copy()
+        npix = sq.copy()
         rel = pred = speedup = float("nan")
         desc = ""
         sm = np.full(shape, np.nan, np.float32)
@@ -288,6 +295,7 @@ class LiveKDE(DerivedStreamRouter):
             if res.variance is not None:
                 var = res.variance.astype(np.float32)
             sq, sr = res.sigma_q_bands, res.sigma_ring_bands
+            npix = np.array([k.pixels_averaged for k in res.kernels], float)
             rel = float(res.rel_error)
             pred = float(s.predicted_time(self.target_rel_error))
             desc = res.kernel_description()
@@ -296,6 +304,7 @@ class LiveKDE(DerivedStreamRouter):
         n = s.n_frames if s else 0
         return {"smoothed": sm, "variance": var, "sigma_q": sq.astype(np.float64),
                 "sigma_ring": sr.astype(np.float64), "band_edges": edges.astype(np.float64),
+                "pixels_averaged": npix,
                 "n_exposures": np.int64(n),
                 "exposure_s": float(s.exposure if s else 0.0), "cv_rel_error": rel,
                 "predicted_time_s": pred, "target_rel_error": self.target_rel_error,
@@ -306,7 +315,7 @@ class LiveKDE(DerivedStreamRouter):
         img = (f"{self.stream_name}_y", f"{self.stream_name}_x")
         band = (f"{self.stream_name}_band",)
         return {"smoothed": img, "variance": img, "sigma_q": band, "sigma_ring": band,
-                "band_edges": band}
+                "band_edges": band, "pixels_averaged": band}
 
     def _emit_row(self, final: bool = False) -> None:
         self._since_emit = 0
