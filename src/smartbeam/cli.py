@@ -23,6 +23,9 @@ COMMAND_MODULES = (
     "smartbeam.commands.ioc",
     "smartbeam.commands.serve",
     "smartbeam.commands.runs",
+    "smartbeam.commands.library",
+    "smartbeam.commands.estimate",
+    "smartbeam.commands.mds",
     "smartbeam.commands.bench",
 )
 
