@@ -77,6 +77,11 @@ def _write_rates(store, n_events: int, n_frames: int) -> dict:
     return out
 
 
+def _labels(i: int) -> tuple[str, str]:
+    """Plan and sample of stored run ``i``: 5 plans x 50 samples, independent of each other."""
+    return PLANS[i % len(PLANS)], f"sample-{(i // len(PLANS)) % 50:02d}"
+
+
 def _fill_runs(store, n_runs: int, desc: str) -> float:
     """Write ``n_runs`` small runs (3 events) with metadata spread over samples and plans."""
     from event_model import compose_run
@@ -84,8 +89,8 @@ def _fill_runs(store, n_runs: int, desc: str) -> float:
     writer = store.writer()
     t0 = time.perf_counter()
     for i in tqdm(range(n_runs), desc=desc, file=sys.stderr, leave=False):
-        bundle = compose_run(metadata={"plan_name": PLANS[i % len(PLANS)],
-                                       "sample": f"sample-{i % 50:02d}", "scan_id": i + 1})
+        plan, sample = _labels(i)
+        bundle = compose_run(metadata={"plan_name": plan, "sample": sample, "scan_id": i + 1})
         writer("start", bundle.start_doc)
         desc_bundle = bundle.compose_descriptor(
             name="primary", data_keys={"x": {"dtype": "number", "shape": [], "source": "x"}})
@@ -97,7 +102,7 @@ def _fill_runs(store, n_runs: int, desc: str) -> float:
     return time.perf_counter() - t0
 
 
-def _query_latency(uri: str, api_key: str | None, n_queries: int) -> dict:
+def _query_latency(uri: str, api_key: str | None, n_queries: int, n_runs: int) -> dict:
     from tiled.client import from_uri
 
     from ..storage import find_runs
@@ -106,8 +111,8 @@ def _query_latency(uri: str, api_key: str | None, n_queries: int) -> dict:
     rng = np.random.default_rng(1)
     times, found = [], []
     for _ in range(n_queries):
-        plan = PLANS[int(rng.integers(len(PLANS)))]
-        sample = f"sample-{int(rng.integers(50)):02d}"
+        # The labels of a stored run: every query has at least one hit.
+        plan, sample = _labels(int(rng.integers(n_runs)))
         t0 = time.perf_counter()
         hits = find_runs(runs, plan_name=plan, sample=sample)
         times.append(time.perf_counter() - t0)
@@ -124,7 +129,7 @@ def _backend(store, uri: str, api_key: str | None, args, label: str) -> dict:
     out = {"write": _write_rates(store, args.events, args.frames)}
     fill_s = _fill_runs(store, args.runs, f"{label}: {args.runs} runs")
     out["fill_runs_per_s"] = round(args.runs / fill_s, 1)
-    out["query"] = _query_latency(uri, api_key, 40 if not args.quick else 20)
+    out["query"] = _query_latency(uri, api_key, 40 if not args.quick else 20, args.runs)
     return out
 
 
