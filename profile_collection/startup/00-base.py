@@ -13,11 +13,6 @@ from smartbeam.beamline import Beamline  # noqa: E402
 # The twins (or the site's address list) must be set up before ophyd is imported.
 beamline = Beamline(time_scale=float(os.environ.get("SMARTBEAM_TIME_SCALE", "1.0")))
 beamline.start_iocs()
-# The queueserver worker (and qserver-list-plans-devices) run this profile in a
-# multiprocessing child, which skips atexit: stop the twins from multiprocessing's exit hook.
-import multiprocessing.util  # noqa: E402
-
-multiprocessing.util.Finalize(beamline, beamline.stop, exitpriority=100)
 
 from bluesky.callbacks.best_effort import BestEffortCallback  # noqa: E402
 

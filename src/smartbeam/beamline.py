@@ -9,6 +9,7 @@ with ``SMARTBEAM_SIM=0`` the devices connect to the PV prefixes given in
 from __future__ import annotations
 
 import atexit
+import multiprocessing.util
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -90,6 +91,9 @@ class Beamline:
                 args = ["--time-scale", str(self.time_scale), *self.ioc_args.get(inst, [])]
                 self.iocs[inst] = IOCProcess(inst, extra_args=args, log_path=log)
             atexit.register(self.stop)
+            # The queueserver worker (and qserver-list-plans-devices) run the profile in
+            # a multiprocessing child, which skips atexit: use multiprocessing's hook too.
+            multiprocessing.util.Finalize(self, self.stop, exitpriority=100)
             for ioc in self.iocs.values():
                 ioc.start()
             configure_epics([ioc.port for ioc in self.iocs.values()])
