@@ -35,6 +35,9 @@ def add_ioc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truth", default=None,
                         help="xmcd/stxm: JSON truth file of the XMCD sample, or a preset name "
                              "(Fe, Co, Fe2+_edrixs); default Fe")
+    parser.add_argument("--xas", default=None, metavar="ION:TENDQ[:OFFSET]",
+                        help="xmcd: serve the isotropic edrixs XAS of an ion instead of an "
+                             "XMCD sample, e.g. Mn2+:0.9 (10Dq in eV, optional energy offset)")
     parser.add_argument("--pattern", default="realistic",
                         help="sans: realistic | sharp | anisotropic")
     parser.add_argument("--count-rate", type=float, default=3000.0,
@@ -59,6 +62,19 @@ def xmcd_sample_from(truth: str | None):
                          f"and not a readable JSON truth file ({exc})") from None
 
 
+def xas_sample_from(spec: str):
+    """An edrixs XAS sample from ``ION:TENDQ[:OFFSET]``."""
+    from .physics.xas import LibraryXASSample
+
+    parts = spec.split(":")
+    try:
+        ion, ten_dq = parts[0], float(parts[1])
+        offset = float(parts[2]) if len(parts) > 2 else 0.0
+    except (IndexError, ValueError):
+        raise SystemExit(f"--xas {spec!r}: expected ION:TENDQ[:OFFSET], e.g. Mn2+:0.9") from None
+    return LibraryXASSample(ion=ion, ten_dq=ten_dq, edge_offset=offset)
+
+
 def build_ioc(args: argparse.Namespace):
     """The PVGroup instance for the parsed options."""
     from .iocs import common
@@ -68,8 +84,8 @@ def build_ioc(args: argparse.Namespace):
     if args.instrument == "xmcd":
         from .iocs.xmcd import XMCDEndstationIOC
 
-        return XMCDEndstationIOC(prefix=prefix, sample=xmcd_sample_from(args.truth),
-                                 seed=args.seed)
+        sample = xas_sample_from(args.xas) if args.xas else xmcd_sample_from(args.truth)
+        return XMCDEndstationIOC(prefix=prefix, sample=sample, seed=args.seed)
     if args.instrument == "stxm":
         from .iocs.stxm import stxm_ioc_class
         from .physics.stxm import STXMSample
