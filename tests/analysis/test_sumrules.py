@@ -123,3 +123,13 @@ def test_bad_input(bad, match):
 def test_unsorted_grid_rejected():
     with pytest.raises(SmartbeamInputError, match="increasing"):
         trapezoid_weights(np.array([1.0, 3.0, 2.0]), 0, 3)
+
+
+def test_locate_edges_without_hint_ignores_a_taller_l2_when_l3_was_missed():
+    """A sparse design that straddles the narrow L3 peak sees L2 as the global maximum;
+    L3 must still be the first white line above the absorption onset."""
+    e = np.linspace(690, 740, 251)
+    s = step_shape(e, E3, E2) + gauss(e, E3, 4) + gauss(e, E2, 6)  # L2 taller here
+    e3, e2 = locate_edges(e, s)
+    assert e3 == pytest.approx(E3, abs=0.1)
+    assert e2 == pytest.approx(E2, abs=0.1)

@@ -189,6 +189,24 @@ def _parabolic_peak(e: np.ndarray, y: np.ndarray, i: int) -> float:
     return float(e[i])
 
 
+def _l3_after_onset(e: np.ndarray, y: np.ndarray, search: float) -> float:
+    """L3 maximum = the largest value within ``search`` eV above the absorption onset.
+
+    The onset is the first point where the spectrum crosses half-way from the pre-edge to
+    the post-edge level. Taking the global maximum instead (as before) picks L2 whenever
+    a sparse design misses the narrower L3 peak, and the whole sum-rule analysis then
+    sits on the wrong edges with a tiny, wrong posterior sd.
+    """
+    pre = float(np.median(y[e <= e[0] + LEVEL_WINDOW]))
+    post = float(np.median(y[e >= e[-1] - LEVEL_WINDOW]))
+    above = np.flatnonzero(y >= pre + 0.5 * (post - pre)) if post > pre else np.array([], int)
+    if above.size == 0:
+        return _parabolic_peak(e, y, int(np.argmax(y)))
+    onset = e[above[0]]
+    idx = np.flatnonzero((e >= onset - 1.0) & (e <= onset + search))
+    return _parabolic_peak(e, y, int(idx[np.argmax(y[idx])]))
+
+
 def locate_edges(energy: np.ndarray, mu_sum: np.ndarray, hint: tuple[float, float] | None = None,
                  search: float = 5.0, min_gap: float = 6.0) -> tuple[float, float]:
     """White-line maxima (L3, L2) of the isotropic spectrum, parabola-refined.
@@ -199,7 +217,9 @@ def locate_edges(energy: np.ndarray, mu_sum: np.ndarray, hint: tuple[float, floa
         Grid and mu+ + mu- (or any isotropic spectrum) on it.
     hint
         Tabulated (L3, L2): each maximum is searched within ``search`` eV of it.
-        Without a hint L3 is the global maximum and L2 the maximum beyond L3 + min_gap.
+        Without a hint L3 is the maximum within ``search`` eV above the absorption onset
+        (half-way crossing from pre- to post-edge level) and L2 the maximum beyond
+        L3 + min_gap.
     """
     e = _check_grid(energy)
     y = np.asarray(mu_sum, dtype=float)
@@ -216,8 +236,7 @@ def locate_edges(energy: np.ndarray, mu_sum: np.ndarray, hint: tuple[float, floa
             out.append(_parabolic_peak(e, y, int(idx[np.argmax(y[idx])])))
         if out[1] - out[0] >= min_gap / 2:
             return out[0], out[1]
-    i3 = int(np.argmax(y))
-    e3 = _parabolic_peak(e, y, i3)
+    e3 = _l3_after_onset(e, y, search)
     idx = np.flatnonzero(e > e3 + min_gap)
     if idx.size == 0:
         raise SmartbeamInputError(f"no L2 edge found beyond L3={e3:.2f} eV + {min_gap} eV: "
