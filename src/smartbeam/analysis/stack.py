@@ -1,0 +1,645 @@
+"""STXM energy stacks: optical density, per-pixel XMCD moment maps, map-level acquisition.
+
+Model
+-----
+Each pixel p has the sum ``s_p = OD+ + OD-`` and difference ``d_p = OD+ - OD-`` spectra.
+Pixels share spectral *shapes*: for each channel the stack (K energies x P pixels) is
+approximated by a rank-R basis learned from all pixels (noise-weighted SVD),
+
+    y_p(E) = sum_r alpha_rp phi_r(E) + noise,
+
+so the shapes are known with the noise of the whole map (P times smaller than a
+pixel's) and each pixel only needs its R amplitudes. The shapes are interpolated onto
+a fine grid by Gaussian processes (:class:`~smartbeam.analysis.gp.WarpedGP`, warped
+around the located edges, hyperparameters shared by every pixel). The sum-rule
+integrals p, q, r are linear functionals, so per pixel
+
+    q_p = sum_r alpha_rp (w_q . phi_r)
+
+is a linear function of the pixel's data: all pixels are analysed by a few matrix
+products. The posterior variance of q_p has a noise part (the pixel's own counting
+noise through the amplitude fit) and a shape part (GP interpolation uncertainty of the
+shapes between measured energies); m_orb and m_spin follow by the delta method.
+
+Acquisition: the next energy is the one that most reduces the sum over pixels of the
+posterior variance of m_orb per second of beam time. Both parts of the variance have
+closed-form one-step reductions that factor into "per energy" x "per pixel" terms, so
+the whole map is scored in O(G R + P R).
+
+Everything here is pure numpy/scipy: no bluesky, no I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import SmartbeamInputError
+from .gp import WarpedGP
+from .sumrules import SumRuleFunctionals, locate_edges
+
+__all__ = [
+    "AdaptiveStack",
+    "StackCost",
+    "StackDecision",
+    "StackModel",
+    "StackMoments",
+    "cluster_spectra",
+    "optical_density",
+    "tendq_maps",
+]
+
+# Counts below this are treated as this (log of zero counts).
+_MIN_COUNTS = 0.5
+
+
+def optical_density(counts: np.ndarray, i0: float | np.ndarray | None = None,
+                    free_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Optical density ``-ln(I / I0)`` of transmission images and its Poisson variance.
+
+    Parameters
+    ----------
+    counts
+        Transmitted counts, shape (..., ny, nx).
+    i0
+        Incident counts per pixel and dwell: a scalar or one value per image.
+    free_mask
+        (ny, nx) boolean mask of a sample-free region; I0 of each image is the mean
+        count there (overrides ``i0``).
+
+    Returns
+    -------
+    od, var
+        Arrays of the shape of ``counts``. Without ``i0`` and ``free_mask`` the OD is known
+        up to a constant (I0 = 1); the sum rules are invariant to it, because the step
+        background has a constant term and d = OD+ - OD- cancels it.
+    """
+    c = np.asarray(counts, dtype=float)
+    if c.ndim < 2:
+        raise SmartbeamInputError(f"counts of shape {c.shape}: expected (..., ny, nx) images")
+    if not np.all(np.isfinite(c)) or np.any(c < 0):
+        raise SmartbeamInputError("counts contain NaN/inf or negative values: expected "
+                                  "non-negative detector counts")
+    if free_mask is not None:
+        mask = np.asarray(free_mask, dtype=bool)
+        if mask.shape != c.shape[-2:] or not mask.any():
+            raise SmartbeamInputError(f"free_mask of shape {mask.shape}: expected a non-empty "
+                                      f"boolean mask of shape {c.shape[-2:]}")
+        i0_arr = c[..., mask].mean(axis=-1)[..., None, None]
+    elif i0 is None:
+        i0_arr = np.ones(c.shape[:-2] + (1, 1))
+    else:
+        i0_arr = np.asarray(i0, dtype=float)
+        if i0_arr.ndim > 0:
+            i0_arr = i0_arr.reshape(i0_arr.shape + (1, 1))
+        if not np.all(i0_arr > 0):
+            raise SmartbeamInputError(f"i0={i0!r}: expected positive incident counts")
+    c = np.maximum(c, _MIN_COUNTS)
+    od = np.log(np.maximum(i0_arr, _MIN_COUNTS)) - np.log(c)
+    return od, 1.0 / c
+
+
+@dataclass
+class StackMoments:
+    """Per-pixel sum-rule moments of a stack (all maps shaped (ny, nx)).
+
+    Attributes
+    ----------
+    m_orb, m_orb_sd, m_spin, m_spin_sd
+        Posterior means and standard deviations (mu_B per hole count given).
+    p, q, r
+        The sum-rule integrals per pixel.
+    e_l3, e_l2
+        Located edges (eV).
+    n_energies
+        Number of distinct energies imaged.
+    rank
+        Spectral components used per channel (s, d).
+    """
+
+    m_orb: np.ndarray
+    m_orb_sd: np.ndarray
+    m_spin: np.ndarray
+    m_spin_sd: np.ndarray
+    p: np.ndarray
+    q: np.ndarray
+    r: np.ndarray
+    e_l3: float
+    e_l2: float
+    n_energies: int
+    rank: tuple[int, int]
+
+    @property
+    def rms_sd(self) -> float:
+        """Root-mean-square posterior sd of m_orb over the map (the map uncertainty)."""
+        return float(np.sqrt(np.nanmean(self.m_orb_sd ** 2)))
+
+    @property
+    def rms_m_orb(self) -> float:
+        """Root-mean-square m_orb over the map (scale of the map)."""
+        return float(np.sqrt(np.nanmean(self.m_orb ** 2)))
+
+
+@dataclass
+class _Channel:
+    """Shared shapes of one channel (s or d) and the per-pixel amplitudes."""
+
+    basis: np.ndarray        # (K, R) shapes at the measured energies
+    amplitudes: np.ndarray   # (R, P)
+    solve: np.ndarray        # (R, K) weighted least-squares operator B
+    fisher_inv: np.ndarray   # (R, R) (Phi^T W Phi)^-1
+    gps: list                # R WarpedGPs of the shapes
+    mean: np.ndarray         # (R, G) shapes on the grid
+    cov_w: list              # per component: dict functional -> (G,) Sigma_r @ w
+    var_grid: np.ndarray     # (R, G) posterior variance of the shapes on the grid
+
+
+class StackModel:
+    """Per-pixel XMCD moments of an energy stack with shared spectral shapes.
+
+    Parameters
+    ----------
+    e_min, e_max
+        Energy window (eV) covering pre-edge, both edges and post-edge.
+    n_h
+        Number of 3d holes.
+    edges
+        Tabulated (L3, L2) white-line energies, a search hint.
+    rank
+        Spectral components per channel (reduced when fewer energies are measured).
+    n_grid
+        Points of the grid of the sum-rule functionals and of candidate energies.
+    step_width
+        Step-background width of the sum rules (eV).
+    """
+
+    def __init__(self, e_min: float, e_max: float, n_h: float, *,
+                 edges: tuple[float, float] | None = None, rank: int = 2, n_grid: int = 161,
+                 step_width: float = 0.6) -> None:
+        if not (np.isfinite(e_min) and np.isfinite(e_max) and e_min < e_max):
+            raise SmartbeamInputError(f"e_min={e_min!r}, e_max={e_max!r}: expected finite "
+                                      "energies with e_min < e_max")
+        if not n_h > 0:
+            raise SmartbeamInputError(f"n_h={n_h!r}: expected a positive number of 3d holes")
+        if not (isinstance(rank, int | np.integer) and rank >= 1):
+            raise SmartbeamInputError(f"rank={rank!r}: expected an integer >= 1")
+        self.e_min, self.e_max, self.n_h = float(e_min), float(e_max), float(n_h)
+        self.edge_hint = tuple(float(e) for e in edges) if edges is not None else None
+        self.rank = int(rank)
+        self.grid = np.linspace(self.e_min, self.e_max, int(n_grid))
+        self.step_width = step_width
+        self.edges: tuple[float, float] | None = None
+        self.functionals: SumRuleFunctionals | None = None
+        self._hyper: dict[str, list[tuple[float, float, float]]] = {}
+        self._fitted = False
+
+    # -- fitting ---------------------------------------------------------------------
+    def fit(self, energy: np.ndarray, od_plus: np.ndarray, od_minus: np.ndarray,
+            var_plus: np.ndarray, var_minus: np.ndarray, *, refit: bool = True) -> StackModel:
+        """Learn the shapes and per-pixel amplitudes from a stack.
+
+        Parameters
+        ----------
+        energy
+            (K,) energies of the images (repeats allowed).
+        od_plus, od_minus
+            (K, ny, nx) optical densities at circ+ and circ-.
+        var_plus, var_minus
+            Their counting variances, same shape.
+        refit
+            Refit the GP hyperparameters (else reuse the previous ones: fast path).
+        """
+        e = np.asarray(energy, dtype=float).ravel()
+        arrays = [np.asarray(a, dtype=float) for a in (od_plus, od_minus, var_plus, var_minus)]
+        shape = arrays[0].shape
+        if arrays[0].ndim != 3 or shape[0] != e.size or any(a.shape != shape for a in arrays):
+            raise SmartbeamInputError(
+                f"stack arrays of shapes {[a.shape for a in arrays]} for {e.size} energies: "
+                "expected four (K, ny, nx) arrays with K = number of energies")
+        if np.unique(e).size < 4:
+            raise SmartbeamInputError(f"{np.unique(e).size} distinct energies: expected at "
+                                      "least 4 to model the spectra")
+        if not all(np.all(np.isfinite(a)) for a in arrays) or np.any(arrays[2] <= 0) or np.any(
+                arrays[3] <= 0):
+            raise SmartbeamInputError("stack contains NaN/inf or non-positive variances: "
+                                      "expected finite OD and positive variances")
+        if np.any(e < self.e_min) or np.any(e > self.e_max):
+            raise SmartbeamInputError(f"energies {e.min()}..{e.max()} eV: expected them inside "
+                                      f"the window [{self.e_min}, {self.e_max}]")
+        k, ny, nx = shape
+        self.shape = (ny, nx)
+        p_, m_, vp, vm = (a.reshape(k, ny * nx) for a in arrays)
+        s, d, noise = p_ + m_, p_ - m_, vp + vm
+        self.energy = e
+        self.noise_bar = noise.mean(axis=1)                      # (K,)
+        self.noise_scale = (noise / self.noise_bar[:, None]).mean(axis=0)  # (P,) rho_p
+        self.noise = noise
+        self._uniq = np.unique(e)
+        if refit or self.edges is None:
+            self._locate_edges(e, s)
+        self.functionals = SumRuleFunctionals.from_grid(self.grid, *self.edges,
+                                                        step_width=self.step_width)
+        self.chan = {"s": self._channel("s", s, refit), "d": self._channel("d", d, refit)}
+        self._fitted = True
+        return self
+
+    def _pooled(self, e: np.ndarray, values: np.ndarray, noise_bar: np.ndarray):
+        """Average repeated energies: (unique energies, mean values, noise of the mean)."""
+        idx = np.searchsorted(self._uniq, e)
+        counts = np.bincount(idx, minlength=self._uniq.size).astype(float)
+        w = 1.0 / noise_bar
+        wsum = np.bincount(idx, weights=w, minlength=self._uniq.size)
+        if values.ndim == 1:
+            mean = np.bincount(idx, weights=w * values, minlength=self._uniq.size) / wsum
+        else:
+            mean = np.stack([np.bincount(idx, weights=w * v, minlength=self._uniq.size) / wsum
+                             for v in values.T], axis=1)
+        return self._uniq, mean, 1.0 / wsum, counts
+
+    def _locate_edges(self, e: np.ndarray, s: np.ndarray) -> None:
+        pooled = s.mean(axis=1)
+        ue, ys, nv, _ = self._pooled(e, pooled, self.noise_bar / s.shape[1])
+        gp = WarpedGP().refit(ue, ys, nv)
+        mean = gp.predict(self.grid, return_std=False)
+        try:
+            edges = locate_edges(self.grid, mean, hint=self.edge_hint)
+        except SmartbeamInputError:
+            span = self.e_max - self.e_min
+            edges = self.edge_hint or (self.e_min + 0.35 * span, self.e_min + 0.65 * span)
+        lo, hi = self.grid[1], self.grid[-2]
+        e3 = float(np.clip(edges[0], lo, hi - 1.0))
+        e2 = float(np.clip(edges[1], e3 + 0.5, hi))
+        self.edges = (e3, e2)
+
+    def _channel(self, name: str, y: np.ndarray, refit: bool) -> _Channel:
+        k, n_pix = y.shape
+        rank = max(1, min(self.rank, self._uniq.size // 2))
+        sw = np.sqrt(self.noise_bar)
+        u, sv, _ = np.linalg.svd(y / sw[:, None], full_matrices=False)
+        basis = sw[:, None] * u[:, :rank] * sv[:rank] / np.sqrt(n_pix)  # (K, R)
+        wb = basis / self.noise_bar[:, None]
+        fisher = basis.T @ wb
+        fisher_inv = np.linalg.inv(fisher)
+        solve = fisher_inv @ wb.T                                      # (R, K)
+        amplitudes = solve @ y                                         # (R, P)
+        f = self.functionals
+        weights = {"p": f.w_p, "q": f.w_q, "r": f.w_r}
+        gps, means, cov_w, var_grid = [], [], [], []
+        hyper = self._hyper.get(name, [])
+        for r in range(rank):
+            ue, yr, nv, _ = self._pooled(self.energy, basis[:, r], self.noise_bar / n_pix)
+            gp = WarpedGP(centres=self.edges)
+            if refit or r >= len(hyper):
+                gp.refit(ue, yr, nv)
+            else:
+                gp.warp, gp.length, gp.amplitude = hyper[r][:3]
+                gp.y_mean, gp.y_scale = float(np.mean(yr)), float(np.std(yr)) or 1.0
+                gp.condition(ue, yr, nv)
+            mean, kgg, v = gp.posterior(self.grid)
+            cov = kgg - v.T @ v
+            gps.append(gp)
+            means.append(mean)
+            cov_w.append({key: cov @ w for key, w in weights.items()})
+            var_grid.append(np.maximum(np.diag(cov), 0.0))
+        self._hyper[name] = [(g.warp, g.length, g.amplitude) for g in gps]
+        return _Channel(basis, amplitudes, solve, fisher_inv, gps, np.array(means), cov_w,
+                        np.array(var_grid))
+
+    # -- results -----------------------------------------------------------------------
+    def _require(self) -> None:
+        if not self._fitted:
+            raise RuntimeError("StackModel used before fit()")
+
+    def _integrals(self, ch: _Channel, keys: tuple[str, ...]) -> dict[str, tuple]:
+        """Per-pixel values and (co)variances of linear functionals of one channel."""
+        f = self.functionals
+        w = {"p": f.w_p, "q": f.w_q, "r": f.w_r}
+        c = {key: ch.mean @ w[key] for key in keys}                         # (R,)
+        a = {key: ch.solve.T @ c[key] for key in keys}                      # (K,)
+        vals = {key: c[key] @ ch.amplitudes for key in keys}               # (P,)
+        amp2 = ch.amplitudes ** 2                                           # (R, P)
+        out = {}
+        for i, k1 in enumerate(keys):
+            for k2 in keys[i:]:
+                noise = (a[k1] * a[k2]) @ self.noise                       # (P,)
+                shape_v = np.array([w[k1] @ cw[k2] for cw in ch.cov_w])     # (R,)
+                out[(k1, k2)] = noise + shape_v @ amp2
+        return {"values": vals, "cov": out, "c": c, "a": a}
+
+    def moments(self) -> StackMoments:
+        """Posterior mean and sd maps of m_orb and m_spin (delta method)."""
+        self._require()
+        di = self._integrals(self.chan["d"], ("p", "q"))
+        si = self._integrals(self.chan["s"], ("r",))
+        p, q = di["values"]["p"], di["values"]["q"]
+        r = si["values"]["r"]
+        var_p, var_q = di["cov"][("p", "p")], di["cov"][("q", "q")]
+        cov_pq, var_r = di["cov"][("p", "q")], si["cov"][("r", "r")]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r_safe = np.where(np.abs(r) > 1e-12, r, np.nan)
+            a = 4.0 * self.n_h / 3.0
+            m_orb = -a * q / r_safe
+            u = 6 * p - 4 * q
+            m_spin = -self.n_h * u / r_safe
+            var_u = 36 * var_p - 48 * cov_pq + 16 * var_q
+            sd_orb = a * np.sqrt(np.maximum(var_q / r_safe**2 + q**2 * var_r / r_safe**4, 0))
+            sd_spin = self.n_h * np.sqrt(np.maximum(var_u / r_safe**2
+                                                    + u**2 * var_r / r_safe**4, 0))
+        shp = self.shape
+        return StackMoments(m_orb.reshape(shp), sd_orb.reshape(shp), m_spin.reshape(shp),
+                            sd_spin.reshape(shp), p.reshape(shp), q.reshape(shp),
+                            r.reshape(shp), float(self.edges[0]), float(self.edges[1]),
+                            int(self._uniq.size),
+                            (self.chan["s"].amplitudes.shape[0],
+                             self.chan["d"].amplitudes.shape[0]))
+
+    def noise_at(self, energy: np.ndarray) -> np.ndarray:
+        """Map-mean counting variance of s (= of d) predicted at ``energy``."""
+        ue, nb, _, _ = self._pooled(self.energy, self.noise_bar, np.ones_like(self.noise_bar))
+        return np.exp(np.interp(energy, ue, np.log(nb)))
+
+    def variance_reduction(self) -> np.ndarray:
+        """Expected reduction of sum_p Var(m_orb_p) for one more image pair at each grid energy.
+
+        Two parts, each a one-step Gaussian update: the pixel amplitudes gain Fisher
+        information ``u u^T / n_p(E)`` (u: the shapes at E), and the shared shapes gain
+        one pooled observation with the map-mean noise / P.
+        """
+        self._require()
+        di = self._integrals(self.chan["d"], ("q",))
+        si = self._integrals(self.chan["s"], ("r",))
+        q, r = di["values"]["q"], si["values"]["r"]
+        ok = np.isfinite(q) & np.isfinite(r) & (np.abs(r) > 1e-12)
+        q, r = q[ok], r[ok]
+        rho = self.noise_scale[ok]
+        a2 = (4.0 * self.n_h / 3.0) ** 2
+        nbar = self.noise_at(self.grid)                                     # (G,)
+        n_pix = self.noise.shape[1]
+        w_orb_q = a2 / r**2                                                 # (P,)
+        w_orb_r = a2 * q**2 / r**4
+        total = np.zeros(self.grid.size)
+        for ch, key, wpix in ((self.chan["d"], "q", w_orb_q), (self.chan["s"], "r", w_orb_r)):
+            c = (di if key == "q" else si)["c"][key]                          # (R,)
+            # Amplitude part: rho_p (c^T F^-1 u)^2 / (nbar + u^T F^-1 u), u = shapes at E.
+            u = ch.mean                                                        # (R, G)
+            fu = ch.fisher_inv @ u
+            num = (c @ fu) ** 2
+            den = nbar + np.einsum("rg,rg->g", u, fu)
+            total += num / den * float(wpix @ rho)
+            # Shape part: each component's functional variance shrinks by cov^2/(var+n/P).
+            amp2 = ch.amplitudes[:, ok] ** 2 @ wpix                            # (R,)
+            for rr, cw in enumerate(ch.cov_w):
+                total += amp2[rr] * cw[key] ** 2 / (ch.var_grid[rr] + nbar / n_pix)
+        return total
+
+    def hyperparameters(self) -> dict[str, float]:
+        """Shape-GP hyperparameters of the leading component of each channel."""
+        self._require()
+        out = {}
+        for name in ("s", "d"):
+            h = self.chan[name].gps[0].hyperparameters
+            out.update({f"{name}_length": h["length"], f"{name}_warp": h["warp"]})
+        return out
+
+
+@dataclass(frozen=True)
+class StackCost:
+    """Seconds to image the field of view at one energy with both helicities.
+
+    Parameters
+    ----------
+    n_pixels, n_lines
+        Pixels of the raster and its number of lines.
+    dwell
+        Dwell per pixel (s).
+    flyback
+        Line flyback time (s).
+    mono_speed
+        Monochromator speed (eV/s).
+    pol_switch
+        Time of one EPU helicity switch (s).
+    overhead
+        Any other per-energy overhead (s).
+    """
+
+    n_pixels: int
+    n_lines: int
+    dwell: float
+    flyback: float = 0.002
+    mono_speed: float = 5.0
+    pol_switch: float = 1.0
+    overhead: float = 0.3
+
+    @property
+    def image_time(self) -> float:
+        """Seconds per image."""
+        return self.n_pixels * self.dwell + self.n_lines * self.flyback
+
+    def __call__(self, energy: np.ndarray, current: float | None) -> np.ndarray:
+        """Cost of an image pair at each of ``energy`` starting from ``current``."""
+        e = np.asarray(energy, dtype=float)
+        travel = np.zeros_like(e) if current is None else np.abs(e - current) / self.mono_speed
+        return 2 * self.image_time + self.pol_switch + self.overhead + travel
+
+
+@dataclass
+class StackDecision:
+    """One decision of :class:`AdaptiveStack` (a row of the ``decisions`` stream)."""
+
+    energy: float
+    acquisition: float
+    n_energies: int
+    rms_sd: float
+    rms_m_orb: float
+    e_l3: float
+    e_l2: float
+    latency_ms: float
+    stop: bool = False
+    reason: str = ""
+    hyperparameters: dict = field(default_factory=dict)
+
+
+@dataclass
+class AdaptiveStack:
+    """Ask/tell driver of an adaptive XMCD energy stack (pure computation).
+
+    Parameters
+    ----------
+    e_min, e_max
+        Energy window (eV).
+    n_h
+        Number of 3d holes.
+    cost
+        Beam-time model of one image pair.
+    tol
+        Stop when the map's RMS posterior sd of m_orb is <= ``tol`` x its RMS m_orb.
+    max_energies
+        Budget of energies (each imaged at both helicities).
+    n_init
+        Energies of the initial uniform design.
+    edges
+        Tabulated (L3, L2), a search hint.
+    rank
+        Spectral components per channel.
+    refit_every
+        Refit GP hyperparameters when the energy count grew by this fraction.
+    """
+
+    e_min: float
+    e_max: float
+    n_h: float
+    cost: StackCost
+    tol: float = 0.1
+    max_energies: int = 40
+    n_init: int = 10
+    edges: tuple[float, float] | None = None
+    rank: int = 2
+    refit_every: float = 0.2
+    n_grid: int = 161
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.tol) and self.tol > 0):
+            raise SmartbeamInputError(f"tol={self.tol!r}: expected a positive relative tolerance")
+        if self.n_init < 4:
+            raise SmartbeamInputError(f"n_init={self.n_init!r}: expected at least 4 energies")
+        if self.max_energies < self.n_init:
+            raise SmartbeamInputError(f"max_energies={self.max_energies!r}: expected at least "
+                                      f"the initial design of {self.n_init} energies")
+        self.model = StackModel(self.e_min, self.e_max, self.n_h, edges=self.edges,
+                                rank=self.rank, n_grid=self.n_grid)
+        self._e: list[float] = []
+        self._od: list[tuple[np.ndarray, ...]] = []
+        self._last_refit = 0
+        self.history: list[StackDecision] = []
+
+    @property
+    def n_energies(self) -> int:
+        """Energies imaged so far."""
+        return len(self._e)
+
+    def initial_design(self) -> np.ndarray:
+        """Uniform initial design over the window."""
+        return np.linspace(self.e_min, self.e_max, self.n_init)
+
+    def tell(self, energy: float, counts_plus: np.ndarray, counts_minus: np.ndarray,
+             i0: float | None = None) -> None:
+        """Add the two helicity images (transmitted counts) measured at ``energy``."""
+        cp, cm = np.asarray(counts_plus), np.asarray(counts_minus)
+        if cp.shape != cm.shape or cp.ndim != 2:
+            raise SmartbeamInputError(f"images of shapes {cp.shape}, {cm.shape}: expected two "
+                                      "(ny, nx) images of the same shape")
+        if self._od and cp.shape != self._od[0][0].shape:
+            raise SmartbeamInputError(f"image of shape {cp.shape}: expected "
+                                      f"{self._od[0][0].shape} like the first image")
+        odp, vp = optical_density(cp, i0)
+        odm, vm = optical_density(cm, i0)
+        self._e.append(float(energy))
+        self._od.append((odp, odm, vp, vm))
+
+    def stack(self) -> tuple[np.ndarray, ...]:
+        """(energy, od_plus, od_minus, var_plus, var_minus) of everything told so far."""
+        return (np.array(self._e),) + tuple(np.stack([o[i] for o in self._od]) for i in range(4))
+
+    def update(self, force_refit: bool = False) -> bool:
+        """Refit the model on all images; returns True when hyperparameters were refit."""
+        n = self.n_energies
+        due = n - self._last_refit >= max(2, int(np.ceil(self.refit_every * self._last_refit)))
+        refit = force_refit or self._last_refit == 0 or due
+        self.model.fit(*self.stack(), refit=refit)
+        if refit:
+            self._last_refit = n
+        return refit
+
+    def ask(self, current_energy: float | None = None) -> StackDecision:
+        """Update the model, check the stopping rule and choose the next energy."""
+        t0 = time.perf_counter()
+        self.update()
+        m = self.model.moments()
+        rms_sd, rms = m.rms_sd, m.rms_m_orb
+        stop, reason = False, ""
+        if self.n_energies >= self.n_init + 2 and np.isfinite(rms_sd) and rms_sd <= self.tol * rms:
+            stop, reason = True, f"map rms sd {rms_sd:.3g} <= tol {self.tol:g} x rms {rms:.3g}"
+        elif self.n_energies >= self.max_energies:
+            stop, reason = True, f"budget of {self.max_energies} energies spent"
+        score = self.model.variance_reduction() / self.cost(self.model.grid, current_energy)
+        i = int(np.argmax(score))
+        dec = StackDecision(energy=float(self.model.grid[i]), acquisition=float(score[i]),
+                            n_energies=self.n_energies, rms_sd=rms_sd, rms_m_orb=rms,
+                            e_l3=m.e_l3, e_l2=m.e_l2,
+                            latency_ms=1e3 * (time.perf_counter() - t0), stop=stop,
+                            reason=reason, hyperparameters=self.model.hyperparameters())
+        self.history.append(dec)
+        return dec
+
+
+def cluster_spectra(spectra: np.ndarray, n_clusters: int = 4, *, n_components: int = 5,
+                    random_state: int = 0) -> np.ndarray:
+    """Cluster pixel spectra without labels (PCA then k-means, scikit-learn).
+
+    Parameters
+    ----------
+    spectra
+        (n_pixels, n_energy) spectra, e.g. optical density per pixel.
+    n_clusters
+        Number of clusters.
+    n_components
+        PCA components kept before k-means (denoises the spectra).
+    random_state
+        Seed (reproducible labels).
+
+    Returns
+    -------
+    numpy.ndarray
+        (n_pixels,) integer labels.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    x = np.asarray(spectra, dtype=float)
+    if x.ndim != 2 or x.shape[0] < n_clusters or not np.all(np.isfinite(x)):
+        raise SmartbeamInputError(f"spectra of shape {x.shape}: expected finite (n_pixels, "
+                                  f"n_energy) with at least n_clusters={n_clusters} pixels")
+    # Normalise each spectrum: clusters by shape, not by thickness.
+    x = x - x.mean(axis=1, keepdims=True)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    nc = max(1, min(n_components, x.shape[0] - 1, x.shape[1]))
+    z = PCA(n_components=nc, random_state=random_state).fit_transform(x)
+    return KMeans(n_clusters=n_clusters, n_init=4, random_state=random_state).fit_predict(z)
+
+
+def tendq_maps(fitter, energy: np.ndarray, od: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-pixel 10Dq, its sd and the rejection mask of an OD stack.
+
+    Parameters
+    ----------
+    fitter
+        A fitted :class:`~smartbeam.analysis.tendq.TenDqFitter` (with its threshold).
+    energy
+        (K,) increasing energies (eV).
+    od
+        (K, ny, nx) optical density (any constant offset is removed with the background).
+
+    Returns
+    -------
+    dict
+        ``ten_dq``, ``ten_dq_sd`` (NaN where rejected), ``described`` (bool), ``score``,
+        ``offset`` maps of shape (ny, nx).
+    """
+    e = np.asarray(energy, dtype=float)
+    stack = np.asarray(od, dtype=float)
+    if stack.ndim != 3 or stack.shape[0] != e.size:
+        raise SmartbeamInputError(f"od of shape {stack.shape}: expected (K, ny, nx) with "
+                                  f"K = {e.size} energies")
+    ny, nx = stack.shape[1:]
+    results = fitter.predict_many(e, stack.reshape(e.size, -1).T)
+    out = {
+        "ten_dq": np.array([r.ten_dq if r.described else np.nan for r in results]),
+        "ten_dq_sd": np.array([r.sd if r.described else np.nan for r in results]),
+        "described": np.array([bool(r.described) for r in results]),
+        "score": np.array([r.score for r in results], dtype=float),
+        "offset": np.array([r.extra["per_measure_offset"].get("pearson", np.nan)
+                            if r.extra else np.nan for r in results], dtype=float),
+    }
+    return {k: v.reshape(ny, nx) for k, v in out.items()}

@@ -1,0 +1,106 @@
+"""STXM stack plans on the caproto STXM twin, written to real Tiled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from smartbeam.errors import SmartbeamInputError
+from smartbeam.plans import stxm_image, stxm_xmcd_stack
+from smartbeam.storage import read_stream
+
+# A small field of view keeps the twin fast: 8 x 6 pixels of 60 nm.
+FIELD = {"x_range": [0.0, 0.42], "y_range": [0.0, 0.30], "pixel": 0.06}
+
+
+def test_adaptive_stack_writes_decisions_and_maps(beamline_devices, storage, RE):
+    stxm = beamline_devices["stxm"]
+    RE.subscribe(storage.writer())
+    (uid,) = RE(stxm_xmcd_stack(stxm, **FIELD, e_min=695.0, e_max=735.0, tol=0.5,
+                                max_energies=16, n_init=8, dwell=0.002,
+                                edges=[707.8, 720.8]), sample="Fe domains")
+    run = storage.runs[uid]
+    assert {"primary", "decisions", "maps"} <= set(run)
+    start = run.metadata["start"]
+    assert start["plan_name"] == "stxm_xmcd_stack" and start["shape"] == [6, 8]
+    images = run["primary"]["stxm_det_image"].read()
+    n_img = images.shape[0]
+    assert images.shape[1:] == (6, 8) and n_img % 2 == 0
+    dec = read_stream(run, "decisions")
+    maps = read_stream(run, "maps")
+    for key in ("stack_m_orb", "stack_m_orb_sd", "stack_m_spin", "stack_m_spin_sd"):
+        assert maps[key].shape == (1, 6, 8)
+        assert np.all(np.isfinite(maps[key]))
+    # One decision per model update; the last one is the stop, with its reason.
+    assert dec["stack_decision_n_energies"][-1] == n_img // 2
+    assert dec["stack_decision_stop_reason"][-1] != ""
+    assert np.all(dec["stack_decision_stop_reason"][:-1] == "")
+    # Stopped on the uncertainty target before the budget: that is what tol is for.
+    assert "tol" in str(dec["stack_decision_stop_reason"][-1])
+    assert n_img // 2 < 16
+    assert maps["stack_rms_sd"][0] <= 0.5 * maps["stack_rms_m_orb"][0]
+    # Against the twin's ground truth (same default sample): the map agrees within its
+    # stated uncertainty.
+    truth = _twin_truth()
+    m, sd = maps["stack_m_orb"][0], maps["stack_m_orb_sd"][0]
+    assert np.mean(np.abs(m - truth) <= 3 * sd) > 0.8
+    assert abs(np.mean(m) - np.mean(truth)) <= 3 * maps["stack_rms_sd"][0]
+
+
+def _twin_truth() -> np.ndarray:
+    from sim_devices.physics.stxm import STXMSample
+    from sim_devices.runner import xmcd_sample_from
+
+    sample = STXMSample(xmcd_sample_from(None))
+    x = FIELD["x_range"][0] + FIELD["pixel"] * np.arange(8)
+    y = FIELD["y_range"][0] + FIELD["pixel"] * np.arange(6)
+    rows, cols = sample.pixel_index(*np.meshgrid(x, y))
+    return sample.true_moment_maps()["m_orb"][rows, cols]
+
+
+def test_conventional_stack_uses_the_fixed_energies(beamline_devices, storage, RE):
+    stxm = beamline_devices["stxm"]
+    RE.subscribe(storage.writer())
+    energies = list(np.linspace(695.0, 735.0, 12))
+    (uid,) = RE(stxm_xmcd_stack(stxm, **FIELD, e_min=695.0, e_max=735.0, adaptive=False,
+                                energies=energies, dwell=0.002))
+    run = storage.runs[uid]
+    prim = read_stream(run, "primary", keys=["stxm_energy_readback", "stxm_pol_mode"]) \
+        if "stxm_energy_readback" in run["primary"] else None
+    images = run["primary"]["stxm_det_image"].read()
+    assert images.shape == (24, 6, 8)
+    if prim is not None:
+        np.testing.assert_allclose(prim["stxm_energy_readback"][::2], energies, atol=1e-2)
+    assert "decisions" not in run
+    maps = read_stream(run, "maps")
+    assert maps["stack_n_energies"][0] == 12
+    assert maps["stack_m_orb"].shape == (1, 6, 8)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"pixel": 0.5}, "larger than"),
+    ({"x_range": [0.0, 50.0]}, "beyond the stage limits"),
+    ({"dwell": 0.0}, "dwell"),
+    ({"e_min": 740.0}, "e_min"),
+    ({"tol": -1.0}, "tol"),
+])
+def test_bad_input_refused_before_motion(beamline_devices, RE, kwargs, match):
+    stxm = beamline_devices["stxm"]
+    args = dict(FIELD, e_min=695.0, e_max=735.0, dwell=0.002)
+    args.update(kwargs)
+    before = (stxm.x.setpoint.get(), stxm.energy.setpoint.get())
+    docs = []
+    with pytest.raises(SmartbeamInputError, match=match):
+        RE(stxm_xmcd_stack(stxm, **args), lambda name, doc: docs.append(name))
+    assert docs == []  # no run opened
+    assert (stxm.x.setpoint.get(), stxm.energy.setpoint.get()) == before
+
+
+def test_stxm_image_still_works(beamline_devices, RE):
+    stxm = beamline_devices["stxm"]
+    docs = []
+    RE(stxm_image(stxm, **FIELD, energies=[707.8], dwell=0.001),
+       lambda name, doc: docs.append((name, doc)))
+    events = [d for n, d in docs if n == "event"]
+    assert len(events) == 2
+    assert np.asarray(events[0]["data"]["stxm_det_image"]).shape == (6, 8)
