@@ -64,6 +64,8 @@ def analysis_chain(writer, *, png_dir: str | os.PathLike | None = None):
         Where end-of-run PNGs go (default: the current directory).
     """
     from .callbacks.live_kde import LiveKDE
+    from .callbacks.tendq import TenDqEstimator
 
-    # LiveKDE is inert for runs without a 2-D image or with md {"kde": False}.
-    return LiveKDE(png_path=png_dir or ".", downstream=writer)
+    # LiveKDE is inert for runs without a 2-D image or with md {"kde": False};
+    # TenDqEstimator for runs without a ``tendq`` entry in the start document.
+    return TenDqEstimator(downstream=LiveKDE(png_path=png_dir or ".", downstream=writer))

@@ -172,12 +172,15 @@ def resample(energy: np.ndarray, intensity: np.ndarray, grid: np.ndarray) -> np.
 def remove_background(energy: np.ndarray, intensity: np.ndarray, *, pre_edge_max: float,
                       post_edge_min: float, l3: float, l2: float,
                       step_width: float = 1.0) -> np.ndarray:
-    """Remove a linear pre-edge background and the L3/L2 edge-jump steps.
+    """Remove a linear background and the L3/L2 edge-jump steps.
 
-    The pre-edge line is fitted to points below ``pre_edge_max`` (a constant if fewer
-    than 5 points). The step height is the median of the residual above
-    ``post_edge_min``; steps of 2/3 and 1/3 of it (arctan, ``step_width`` eV) are placed
-    at ``l3`` and ``l2`` (the 2:1 statistical branching of 2p3/2 and 2p1/2).
+    The line ``a + b E`` and the step height ``h`` are fitted jointly (linear least
+    squares) to the points below ``pre_edge_max`` and above ``post_edge_min``; the step is
+    ``h (2/3 S(l3) + 1/3 S(l2))`` with arctan steps S of width ``step_width`` eV (the 2:1
+    statistical branching of 2p3/2 and 2p1/2). Fitting them together matters: the arctan
+    tails reach several eV below the edge, and a line fitted to the pre-edge alone absorbs
+    them and is then subtracted a second time with the step. With fewer than 3 pre-edge or
+    post-edge points the fit falls back to a constant and/or no step.
 
     Parameters
     ----------
@@ -186,26 +189,28 @@ def remove_background(energy: np.ndarray, intensity: np.ndarray, *, pre_edge_max
     pre_edge_max, post_edge_min
         Energy limits of the background regions.
     l3, l2
-        Energies of the L3 and L2 edges.
+        Energies of the L3 and L2 edge steps.
     step_width
         Width of the arctan steps (eV).
     """
     e = np.asarray(energy, dtype=float)
     y = np.asarray(intensity, dtype=float).copy()
     pre = e < pre_edge_max
-    if pre.sum() >= 5:
-        coef = np.polyfit(e[pre], y[pre], 1)
-        y -= np.polyval(coef, e)
-    elif pre.any():
-        y -= np.median(y[pre])
-    else:
-        y -= y.min()
     post = e > post_edge_min
+
+    def step(e0: float) -> np.ndarray:
+        return 0.5 + np.arctan((e - e0) / (0.5 * step_width)) / np.pi
+
+    steps = 2.0 / 3.0 * step(l3) + 1.0 / 3.0 * step(l2)
+    x = (e - e.mean()) / max(float(np.ptp(e)), 1e-12)  # scaled: well-conditioned fit
+    cols = [np.ones_like(e)]
+    if pre.sum() >= 3 and post.sum() + pre.sum() >= 6:
+        cols.append(x)
     if post.sum() >= 3:
-        h = float(np.median(y[post]))
-
-        def step(e0: float) -> np.ndarray:
-            return 0.5 + np.arctan((e - e0) / (0.5 * step_width)) / np.pi
-
-        y -= h * (2.0 / 3.0 * step(l3) + 1.0 / 3.0 * step(l2))
-    return y
+        cols.append(steps)
+    fit = pre | post
+    if not fit.any():
+        return y - y.min()
+    basis = np.column_stack(cols)
+    coef, *_ = np.linalg.lstsq(basis[fit], y[fit], rcond=None)
+    return y - basis @ coef

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from scipy.ndimage import gaussian_filter1d
 
 from ..errors import SmartbeamInputError
 from .library import SpectrumLibrary
@@ -39,6 +40,8 @@ from .similarity import (
 
 __all__ = [
     "CONSENSUS_MEASURES",
+    "DEFAULT_EXTRA_FWHM",
+    "DEFAULT_STEP_SHIFTS",
     "TenDqResult",
     "TenDqFitter",
     "calibrate_threshold",
@@ -49,6 +52,10 @@ __all__ = [
 
 #: Measures whose median is the consensus (EMD collapses under noise, DTW is slow).
 CONSENSUS_MEASURES = ("euclidean", "cosine", "pearson", "jsd")
+#: Extra Gaussian FWHM (eV) of the library searched by default (resolution robustness).
+DEFAULT_EXTRA_FWHM = (0.0, 0.3, 0.5, 0.7)
+#: Edge-step positions (eV from the white-line maxima) tried by default.
+DEFAULT_STEP_SHIFTS = (-1.0, -0.5, 0.0)
 # Distances that grow like |x| near the minimum are squared before the quadratic fit.
 _SQUARE_FOR_FIT = {"euclidean", "jsd", "cityblock", "emd", "dtw"}
 
@@ -194,6 +201,11 @@ def _quad_refine(vals: np.ndarray) -> float:
 class TenDqFitter:
     """Fit/predict estimator of 10Dq against a :class:`SpectrumLibrary`.
 
+    The search runs over library entry x energy offset x extra Gaussian broadening (the
+    measurement's resolution is rarely the library's) and, in preprocessing, over a few
+    positions of the edge-step background relative to the white lines (where the arctan
+    steps sit is a convention that differs between groups and matters at the 0.1 eV level).
+
     Parameters
     ----------
     measures
@@ -207,26 +219,44 @@ class TenDqFitter:
         when no calibration is available; flagged ``uncalibrated``).
     dtw_window
         DTW window in grid points.
+    extra_fwhm
+        Extra Gaussian broadenings (FWHM, eV) of the library searched; ``(0.0,)`` switches
+        the broadening search off.
+    step_shifts
+        Positions (eV, relative to the L3/L2 maxima) of the edge steps tried when
+        removing the background; the one that gives the best Pearson match is used.
     """
 
     def __init__(self, measures: tuple[str, ...] = LIVE_MEASURES,
                  consensus: tuple[str, ...] = CONSENSUS_MEASURES, offset_range: float = 2.0,
-                 threshold: float | None = None, dtw_window: int | None = None) -> None:
+                 threshold: float | None = None, dtw_window: int | None = None,
+                 extra_fwhm: tuple[float, ...] = DEFAULT_EXTRA_FWHM,
+                 step_shifts: tuple[float, ...] = DEFAULT_STEP_SHIFTS) -> None:
         for m in tuple(measures) + tuple(consensus):
             if m not in MEASURES:
                 raise SmartbeamInputError(f"measure {m!r} unknown: expected one of {MEASURES}")
         if not 0 <= offset_range <= 20:
             raise SmartbeamInputError(f"offset_range={offset_range!r}: expected 0-20 eV")
+        extra_fwhm = tuple(float(w) for w in extra_fwhm)
+        if not extra_fwhm or any(not (0 <= w <= 5) for w in extra_fwhm):
+            raise SmartbeamInputError(f"extra_fwhm={extra_fwhm!r}: expected one or more widths "
+                                      "in 0-5 eV")
+        step_shifts = tuple(float(s) for s in step_shifts)
+        if not step_shifts or any(not (-5 <= s <= 5) for s in step_shifts):
+            raise SmartbeamInputError(f"step_shifts={step_shifts!r}: expected one or more "
+                                      "shifts in -5..5 eV")
         self.measures = tuple(measures)
         self.consensus = tuple(m for m in consensus if m in self.measures) or self.measures[:1]
         self.offset_range = float(offset_range)
         self.threshold = threshold
         self.dtw_window = dtw_window
+        self.extra_fwhm = extra_fwhm
+        self.step_shifts = step_shifts
         self.library: SpectrumLibrary | None = None
 
     # -- fit -------------------------------------------------------------------------------
     def fit(self, library: SpectrumLibrary) -> TenDqFitter:
-        """Precompute the prepared library for every measure; returns ``self``."""
+        """Precompute the broadened, prepared library for every measure; returns ``self``."""
         lib = library
         self.library = lib
         self.step = float(lib.energy[1] - lib.energy[0])
@@ -235,7 +265,14 @@ class TenDqFitter:
         n_ext = self.n + 2 * self.n_shift
         self.grid_ext = lib.energy[0] - self.n_shift * self.step + self.step * np.arange(n_ext)
         self.offsets = self.step * (np.arange(2 * self.n_shift + 1) - self.n_shift)
-        self._prepared = {m: prepare(lib.spectra, m) for m in set(self.measures) | {"pearson"}}
+        fwhm_to_sigma = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0))) / self.step
+        # (n_broadening, n_entries, n_energy): the library seen at each extra resolution.
+        self.spectra_b = np.stack([
+            lib.spectra if w == 0 else gaussian_filter1d(lib.spectra, w * fwhm_to_sigma,
+                                                         axis=1, mode="nearest")
+            for w in self.extra_fwhm])
+        flat = self.spectra_b.reshape(-1, self.n)
+        self._prepared = {m: prepare(flat, m) for m in set(self.measures) | {"pearson"}}
         mean = lib.spectra.mean(axis=0)
         thr = 0.02 * mean.max()
         above = np.flatnonzero(mean > thr)
@@ -255,15 +292,30 @@ class TenDqFitter:
         return self.library
 
     # -- preprocessing ------------------------------------------------------------------
-    def preprocess(self, energy: np.ndarray, intensity: np.ndarray) -> np.ndarray:
-        """Background/step removal and resampling onto the offset-extended grid."""
+    def preprocess(self, energy: np.ndarray, intensity: np.ndarray,
+                   step_shift: float | None = None) -> np.ndarray:
+        """Background/step removal and resampling onto the offset-extended grid.
+
+        Parameters
+        ----------
+        energy, intensity
+            The measured spectrum (validated).
+        step_shift
+            Position of the edge steps relative to the measured L3/L2 maxima (eV);
+            default: the first of :attr:`step_shifts`.
+        """
         e, y = energy, intensity
         r = self.offset_range
+        shift = self.step_shifts[0] if step_shift is None else float(step_shift)
         l3 = self._peak_near(e, y, self.l3, r)
         l2 = self._peak_near(e, y, self.l2, r)
         y = remove_background(e, y, pre_edge_max=self.onset - r - 0.5,
-                              post_edge_min=self.end + r + 0.5, l3=l3 - 1.0, l2=l2 - 1.0)
+                              post_edge_min=self.end + r + 0.5, l3=l3 + shift, l2=l2 + shift)
         return np.interp(self.grid_ext, e, y)
+
+    def preprocess_variants(self, energy: np.ndarray, intensity: np.ndarray) -> np.ndarray:
+        """(n_step_shifts, n_ext): :meth:`preprocess` for every edge-step position."""
+        return np.stack([self.preprocess(energy, intensity, s) for s in self.step_shifts])
 
     @staticmethod
     def _peak_near(e: np.ndarray, y: np.ndarray, e0: float, r: float) -> float:
@@ -272,8 +324,14 @@ class TenDqFitter:
 
     # -- prediction -----------------------------------------------------------------------
     def dissimilarity_maps(self, ext: np.ndarray) -> dict[str, np.ndarray]:
-        """(n_spectra, n_offsets, n_entries) dissimilarity per measure for resampled spectra."""
-        self._check_fitted()
+        """Dissimilarity per measure for resampled spectra.
+
+        Returns
+        -------
+        dict
+            measure -> (n_spectra, n_offsets, n_broadenings, n_entries) array.
+        """
+        lib = self._check_fitted()
         ext = np.atleast_2d(ext)
         win = sliding_window_view(ext, self.n, axis=1)  # (M, J, n), a view: no copy
         m_, j_, n_ = win.shape
@@ -282,69 +340,88 @@ class TenDqFitter:
         for meas in set(self.measures) | {"pearson"}:
             d = dissimilarity(prepare(flat, meas), self._prepared[meas], meas, step=self.step,
                               dtw_window=self.dtw_window, prepared=True)
-            out[meas] = d.reshape(m_, j_, -1)
+            out[meas] = d.reshape(m_, j_, len(self.extra_fwhm), len(lib.ten_dq))
         return out
 
-    def _refine(self, dmap: np.ndarray, measure: str) -> tuple[float, float, int, int, float]:
+    def _refine(self, dmap: np.ndarray, measure: str
+                ) -> tuple[float, float, int, int, int, float]:
+        """Best (10Dq, offset) of one (J, B, K) map, refined between grid points."""
         lib = self.library
         assert lib is not None
         f = dmap ** 2 if measure in _SQUARE_FOR_FIT else dmap
-        j, k = np.unravel_index(int(np.argmin(f)), f.shape)
+        j, b, k = np.unravel_index(int(np.argmin(f)), f.shape)
         seg = lib.segment
         dk = dj = 0.0
-        if 0 < k < f.shape[1] - 1 and seg[k - 1] == seg[k] == seg[k + 1]:
-            dk = _quad_refine(f[j, k - 1:k + 2])
+        if 0 < k < f.shape[2] - 1 and seg[k - 1] == seg[k] == seg[k + 1]:
+            dk = _quad_refine(f[j, b, k - 1:k + 2])
         if 0 < j < f.shape[0] - 1:
-            dj = _quad_refine(f[j - 1:j + 2, k])
+            dj = _quad_refine(f[j - 1:j + 2, b, k])
         step_dq = lib.ten_dq[1] - lib.ten_dq[0] if len(lib.ten_dq) > 1 else 0.0
         ten_dq = float(lib.ten_dq[k] + dk * step_dq)
         offset = float(self.offsets[j] + dj * self.step)
-        return ten_dq, offset, int(j), int(k), float(dmap[j, k])
+        return ten_dq, offset, int(j), int(b), int(k), float(dmap[j, b, k])
 
-    def _model(self, ten_dq: float, k: int) -> np.ndarray:
-        """Library spectrum at ``ten_dq``, interpolated linearly inside entry k's segment."""
+    def _model(self, ten_dq: float, k: int, b: int = 0) -> np.ndarray:
+        """Library spectrum (broadening ``b``) at ``ten_dq``, interpolated linearly inside
+        entry k's spin segment."""
         lib = self.library
         assert lib is not None
+        spectra = self.spectra_b[b]
         same = np.flatnonzero(lib.segment == lib.segment[k])
         xs = lib.ten_dq[same]
         t = np.clip(ten_dq, xs[0], xs[-1])
         i = int(np.clip(np.searchsorted(xs, t) - 1, 0, max(len(xs) - 2, 0)))
         if len(xs) == 1:
-            return lib.spectra[same[0]]
+            return spectra[same[0]]
         w = (t - xs[i]) / (xs[i + 1] - xs[i])
-        return (1 - w) * lib.spectra[same[i]] + w * lib.spectra[same[i + 1]]
+        return (1 - w) * spectra[same[i]] + w * spectra[same[i + 1]]
+
+    def _search(self, e: np.ndarray, ys: np.ndarray
+                ) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray], list[float]]:
+        """Maps of the best edge-step variant of each spectrum (chosen by Pearson)."""
+        n_s = len(self.step_shifts)
+        ext = np.concatenate([self.preprocess_variants(e, y) for y in ys])  # (M*S, n_ext)
+        maps = self.dissimilarity_maps(ext)
+        best = maps["pearson"].reshape(len(ys), n_s, -1).min(axis=2).argmin(axis=1)
+        out_maps, out_ext, out_shift = [], [], []
+        for i, s in enumerate(best):
+            row = i * n_s + int(s)
+            out_maps.append({m: v[row] for m, v in maps.items()})
+            out_ext.append(ext[row])
+            out_shift.append(self.step_shifts[int(s)])
+        return out_maps, out_ext, out_shift
 
     def predict(self, energy: np.ndarray, intensity: np.ndarray, name: str = "spectrum"
                 ) -> TenDqResult:
         """Estimate 10Dq of one measured spectrum (see :class:`TenDqResult`)."""
         lib = self._check_fitted()
         e, y = validate_spectrum(energy, intensity, self.need, name)
-        ext = self.preprocess(e, y)
-        maps = self.dissimilarity_maps(ext[None, :])
-        return self._result(e, y, {m: v[0] for m, v in maps.items()}, lib)
+        maps, ext, shifts = self._search(e, y[None, :])
+        return self._result(e, y, maps[0], ext[0], shifts[0], lib)
 
     def predict_many(self, energy: np.ndarray, intensities: np.ndarray) -> list[TenDqResult]:
         """Estimate 10Dq of many spectra sharing one energy axis (vectorised search)."""
         lib = self._check_fitted()
         ys = np.atleast_2d(np.asarray(intensities, dtype=float))
         e, _ = validate_spectrum(energy, ys[0], self.need)
-        ext = np.stack([self.preprocess(e, y) for y in ys])
-        maps = self.dissimilarity_maps(ext)
-        return [self._result(e, ys[i], {m: v[i] for m, v in maps.items()}, lib)
+        for i, y in enumerate(ys):
+            validate_spectrum(e, y, None, f"spectrum {i}")
+        maps, ext, shifts = self._search(e, ys)
+        return [self._result(e, ys[i], maps[i], ext[i], shifts[i], lib)
                 for i in range(len(ys))]
 
     def _result(self, e: np.ndarray, y: np.ndarray, maps: dict[str, np.ndarray],
-                lib: SpectrumLibrary) -> TenDqResult:
-        per, per_off, per_sim, per_k = {}, {}, {}, {}
+                pre: np.ndarray, step_shift: float, lib: SpectrumLibrary) -> TenDqResult:
+        per, per_off, per_sim, per_k, per_b = {}, {}, {}, {}, {}
         for m in self.measures:
-            dq, off, _, k, dmin = self._refine(maps[m], m)
-            per[m], per_off[m], per_k[m] = dq, off, k
+            dq, off, _, b, k, dmin = self._refine(maps[m], m)
+            per[m], per_off[m], per_k[m], per_b[m] = dq, off, k, b
             per_sim[m] = float(similarity_from_dissimilarity(dmin, m))
         cons = [per[m] for m in self.consensus]
         if len(self.consensus) == 1:
             measure = self.consensus[0]
             ten_dq, offset = per[measure], per_off[measure]
-            k_best = per_k[measure]
+            k_best, b_best = per_k[measure], per_b[measure]
             sim = per_sim[measure]
         else:
             measure = "consensus"
@@ -354,14 +431,14 @@ class TenDqFitter:
             # Keep the branch of the majority when the median lands on a crossover.
             k_best = int(np.median([per_k[m] for m in self.consensus])) if len(
                 set(lib.segment[[per_k[m] for m in self.consensus]])) > 1 else k_best
+            b_best = int(np.median([per_b[m] for m in self.consensus]))
             sim = per_sim.get("pearson", per_sim[self.consensus[0]])
 
         # Rejection score on the raw points inside the (shifted) library window.
-        pre = self.preprocess(e, y)
         mask = (e >= lib.energy[0] + offset) & (e <= lib.energy[-1] + offset)
         sigma = noise_sigma(y[mask]) if mask.sum() >= 5 else 0.0
         y_bg = np.interp(e[mask], self.grid_ext, pre)
-        model = np.interp(e[mask] - offset, lib.energy, self._model(ten_dq, k_best))
+        model = np.interp(e[mask] - offset, lib.energy, self._model(ten_dq, k_best, b_best))
         score = rejection_score(y_bg, model, sigma) if mask.sum() >= 10 else float("inf")
 
         # Uncertainty: spread across measures (robust) and noise propagated through the
@@ -381,6 +458,8 @@ class TenDqFitter:
             flags.append("near_spin_crossover")
         if abs(offset) >= self.offset_range - self.step:
             flags.append("offset_at_search_limit")
+        if len(self.extra_fwhm) > 1 and b_best == len(self.extra_fwhm) - 1:
+            flags.append("broadening_at_search_limit")
         if spread > max(3 * sd_noise, step_dq):
             flags.append("measures_disagree")
         described = True
@@ -390,7 +469,8 @@ class TenDqFitter:
             described = False
             flags.append("not_described")
         extra = {"noise_sigma": sigma, "per_measure_offset": per_off, "raw_per_measure": per,
-                 "per_measure_similarity": per_sim, "spin": float(lib.spin[k_best])}
+                 "per_measure_similarity": per_sim, "spin": float(lib.spin[k_best]),
+                 "extra_fwhm": float(self.extra_fwhm[b_best]), "step_shift": float(step_shift)}
         return TenDqResult(
             described=described, ten_dq=ten_dq if described else None,
             sd=sd if described else None, offset=offset if described else None,
@@ -404,11 +484,11 @@ class TenDqFitter:
     def _noise_sd(self, dmap: np.ndarray, y: np.ndarray, sigma: float) -> float:
         lib = self.library
         assert lib is not None
-        j, k = np.unravel_index(int(np.argmin(dmap)), dmap.shape)
-        if not (0 < k < dmap.shape[1] - 1) or sigma <= 0 or y.size < 3:
+        j, b, k = np.unravel_index(int(np.argmin(dmap)), dmap.shape)
+        if not (0 < k < dmap.shape[2] - 1) or sigma <= 0 or y.size < 3:
             return 0.0
         # SSR(dq) = n var(y) (1 - r^2); Delta SSR = sigma^2 gives one standard deviation.
-        r = 1.0 - dmap[j, k - 1:k + 2]
+        r = 1.0 - dmap[j, b, k - 1:k + 2]
         ssr = y.size * np.var(y) * (1.0 - r ** 2)
         h = float(lib.ten_dq[k + 1] - lib.ten_dq[k])
         curv = (ssr[0] - 2 * ssr[1] + ssr[2]) / h ** 2
