@@ -180,3 +180,81 @@ def test_no_confident_wrong_answer_without_edge_hint_at_demo_noise():
     assert zs.max() < 5, f"|error| / sd up to {zs.max():.1f}"
     # Not just sane but roughly calibrated (68 % nominal; 16 seeds -> wide band).
     assert 0.4 <= np.mean(zs < 1) <= 0.95
+
+
+def test_incremental_append_equals_full_conditioning():
+    rng = np.random.default_rng(7)
+    x = np.sort(rng.uniform(0, 10, 40))
+    y = np.sin(x) + rng.normal(0, 0.05, x.size)
+    nv = np.full(x.size, 0.05**2)
+    grid = np.linspace(0, 10, 51)
+    inc = WarpedGP(centres=(5.0,), grid=grid).refit(x[:20], y[:20], nv[:20])
+    full = inc.copy_hyperparameters().condition(x, y, nv)
+    inc.append(x[20:], y[20:], nv[20:])
+    assert inc.n_points == full.n_points == 40
+    m_i, c_i = inc.grid_posterior()
+    m_f, c_f = full.grid_posterior()
+    np.testing.assert_allclose(m_i, m_f, atol=1e-8)
+    np.testing.assert_allclose(c_i, c_f, atol=1e-8)
+    # The generic posterior agrees with the grid cache.
+    mean, kgg, v = inc.posterior(grid)
+    np.testing.assert_allclose(mean, m_i, atol=1e-8)
+    np.testing.assert_allclose(kgg - v.T @ v, c_i, atol=1e-8)
+    # A duplicate point with no noise is handled (refactorised, not a NaN).
+    inc.append([x[0]], [y[0]], [0.0])
+    assert np.all(np.isfinite(inc.grid_posterior()[0]))
+
+
+def test_xmcd_model_fast_path_appends():
+    rng = np.random.default_rng(8)
+    e = np.linspace(*FE.window, 30)
+    data = measure(e, rng)
+    a = XMCDGP(*FE.window, FE.n_h, edges=(FE.e_l3, FE.e_l2))
+    a.fit(e[:20], *(v[:20] for v in data))
+    a.fit(e, *data, refit=False)
+    b = a.spawn()
+    b.fit(e, *data, refit=False)  # same hyperparameters, conditioned from scratch
+    assert a.n_points == b.n_points == 30
+    for k in ("m_orb", "m_orb_sd", "m_spin", "m_spin_sd"):
+        assert a.moments()[k] == pytest.approx(b.moments()[k], rel=1e-6)
+
+
+def test_background_refits_are_adopted_and_never_waited_for():
+    rng = np.random.default_rng(9)
+    true = SAMPLE.true_moments()
+    with threadpool_limits(1):
+        sc = AdaptiveXMCD(*FE.window, FE.n_h, edges=(FE.e_l3, FE.e_l2), sync_refits=False,
+                          stopping=StoppingRule(rtol=1e-9, max_points=40))
+        for e in sc.initial_design():
+            mp, mm, vp, vm = measure(e, rng)
+            sc.tell(e, mp[0], mm[0], vp[0], vm[0])
+        assert sc.refit_running or sc._refit_result is not None  # started during the design
+        decisions, cur = [], None
+        while True:
+            d = sc.ask(cur)
+            decisions.append(d)
+            if d.stop:
+                break
+            if d.refit_pending:
+                sc._refit_thread.join()  # let it land: the next decision must adopt it
+                mp, mm, vp, vm = measure(d.energy, rng)
+                sc.tell(d.energy, mp[0], mm[0], vp[0], vm[0])
+                nxt = sc.ask(d.energy)
+                decisions.append(nxt)
+                assert nxt.refit
+                if nxt.stop:
+                    break
+                cur = nxt.energy
+                mp, mm, vp, vm = measure(cur, rng)
+                sc.tell(cur, mp[0], mm[0], vp[0], vm[0])
+                continue
+            mp, mm, vp, vm = measure(d.energy, rng)
+            sc.tell(d.energy, mp[0], mm[0], vp[0], vm[0])
+            cur = d.energy
+        sc.close()
+    # Only the very first decision may wait (for the first fit); refits were adopted.
+    assert all(x.waited_ms == 0.0 for x in decisions[1:])
+    assert sum(x.refit for x in decisions) >= 3
+    m = decisions[-1].moments
+    assert abs(m["m_orb"] - true["m_orb"]) < 5 * m["m_orb_sd"]
+    assert m["m_spin"] == pytest.approx(true["m_spin"], rel=0.05)

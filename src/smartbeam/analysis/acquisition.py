@@ -8,6 +8,7 @@ is the plain baseline of Ueno et al. 2018 (largest predictive variance, stationa
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -104,6 +105,8 @@ class Decision:
     latency_ms: float
     stop: bool = False
     reason: str = ""
+    refit_pending: bool = False
+    waited_ms: float = 0.0
 
 
 @dataclass
@@ -134,6 +137,13 @@ class AdaptiveXMCD:
         since the last refit (and at least 2 points).
     n_grid
         Grid size of the functionals and of the candidate energies.
+    sync_refits
+        True: refit inline when due (reproducible; a decision then costs a refit).
+        False: refits run in a background thread on a snapshot of the data while
+        decisions use the previous hyperparameters, updated incrementally with the new
+        points; a finished refit is adopted at the next decision. Only the very first
+        fit can make a decision wait (it is started as soon as ``n_init - 2`` points are
+        in, so in a real scan it runs during the last initial measurements).
     """
 
     e_min: float
@@ -147,6 +157,7 @@ class AdaptiveXMCD:
     cost: CostModel = field(default_factory=CostModel)
     refit_every: float = 0.15
     n_grid: int = 201
+    sync_refits: bool = True
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.e_min) and np.isfinite(self.e_max) and self.e_min < self.e_max):
@@ -169,7 +180,9 @@ class AdaptiveXMCD:
         self._mm: list[float] = []
         self._vp: list[float] = []
         self._vm: list[float] = []
-        self._last_refit = 0
+        self._last_refit = 0  # points in the data of the last (started) refit
+        self._refit_thread: threading.Thread | None = None
+        self._refit_result: tuple[int, XMCDGP | BaseException] | None = None
         self.history: list[dict] = []
 
     # -- data ------------------------------------------------------------------------
@@ -201,21 +214,85 @@ class AdaptiveXMCD:
         self._mm.append(float(mu_minus))
         self._vp.append(float(var_plus))
         self._vm.append(float(var_minus))
+        if not self.sync_refits and self._refit_due():
+            self._start_refit()
+
+    # -- refits ----------------------------------------------------------------------
+    def _refit_due(self) -> bool:
+        n = self.n_points
+        if self._last_refit == 0:
+            return n >= max(4, self.n_init - 2)
+        return n - self._last_refit >= max(2, int(np.ceil(self.refit_every * self._last_refit)))
+
+    @property
+    def refit_running(self) -> bool:
+        """True while a background refit is in flight."""
+        return self._refit_thread is not None and self._refit_thread.is_alive()
+
+    def _start_refit(self) -> None:
+        if self._refit_thread is not None:
+            return  # one in flight at a time; the next one starts after it lands
+        n = self.n_points
+        d = self.data
+        model = self.model.spawn()
+
+        def work() -> None:
+            try:
+                model.fit(d["energy"], d["mu_plus"], d["mu_minus"], d["var_plus"],
+                          d["var_minus"], refit=True)
+                self._refit_result = (n, model)
+            except BaseException as exc:  # handed to the decision thread, never lost
+                self._refit_result = (n, exc)
+
+        self._last_refit = n
+        self._refit_thread = threading.Thread(target=work, name="smartbeam-gp-refit",
+                                              daemon=True)
+        self._refit_thread.start()
+
+    def _adopt_refit(self, wait: bool) -> bool:
+        """Install a finished background refit (waiting for it if ``wait``)."""
+        t = self._refit_thread
+        if t is None or (t.is_alive() and not wait):
+            return False
+        t.join()
+        self._refit_thread = None
+        _n, result = self._refit_result
+        self._refit_result = None
+        if isinstance(result, BaseException):
+            raise result
+        self.model = result
+        return True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for a background refit in flight (it is a daemon thread either way)."""
+        if self._refit_thread is not None:
+            self._refit_thread.join(timeout)
 
     # -- decisions -------------------------------------------------------------------
     def update(self, force_refit: bool = False) -> bool:
-        """Condition the model on all data; refit on schedule. Returns True if refit."""
+        """Condition the model on all data; refit on schedule. Returns True if refit
+        (sync mode) or if a background refit was adopted (async mode)."""
         n = self.n_points
         if n < 4:
             raise SmartbeamInputError(f"{n} measured points: expected at least 4 before "
                                       "the model can be fitted")
-        due = n - self._last_refit >= max(2, int(np.ceil(self.refit_every * self._last_refit)))
-        refit = force_refit or self._last_refit == 0 or due
         d = self.data
-        self.model.fit(d["energy"], d["mu_plus"], d["mu_minus"], d["var_plus"],
-                       d["var_minus"], refit=refit)
-        if refit:
-            self._last_refit = n
+        args = (d["energy"], d["mu_plus"], d["mu_minus"], d["var_plus"], d["var_minus"])
+        if self.sync_refits or force_refit:
+            self.close()
+            self._adopt_refit(wait=True)
+            refit = force_refit or self._last_refit == 0 or self._refit_due()
+            self.model.fit(*args, refit=refit)
+            if refit:
+                self._last_refit = n
+            return refit
+        first = self.model.functionals is None
+        if first and self._refit_thread is None:
+            self._start_refit()
+        refit = self._adopt_refit(wait=first)
+        self.model.fit(*args, refit=False)  # appends the points since the refit's snapshot
+        if self._refit_due():
+            self._start_refit()
         return refit
 
     def _target_stats(self, m: dict) -> tuple[float, float]:
@@ -226,7 +303,9 @@ class AdaptiveXMCD:
     def ask(self, current_energy: float | None = None) -> Decision:
         """Update the model and choose the next energy (or decide to stop)."""
         t0 = time.perf_counter()
+        waiting = not self.sync_refits and self.model.functionals is None
         refit = self.update()
+        waited = 1e3 * (time.perf_counter() - t0) if waiting else 0.0
         m = self.model.moments()
         mean, sd = self._target_stats(m)
         stop, reason = self.stopping.check(self.n_points, mean, sd)
@@ -240,7 +319,8 @@ class AdaptiveXMCD:
         dec = Decision(energy=float(grid[i]), acquisition=float(score[i]),
                        n_points=self.n_points, moments=m,
                        hyperparameters=self.model.hyperparameters(), refit=refit,
-                       latency_ms=latency, stop=stop, reason=reason)
+                       latency_ms=latency, stop=stop, reason=reason,
+                       refit_pending=self.refit_running, waited_ms=waited)
         self.history.append({"n_points": self.n_points, **m, "latency_ms": latency,
-                             "refit": refit})
+                             "refit": refit, "waited_ms": waited})
         return dec

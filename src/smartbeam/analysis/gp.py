@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.linalg import cho_solve, cholesky, solve_triangular
+from scipy.linalg import cholesky, solve_triangular
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import ConstantKernel, Matern
@@ -53,12 +53,24 @@ class WarpedGP:
         Candidate warp strengths ``a`` compared by marginal likelihood at each refit.
     length_bounds
         Bounds of the length scale in warped units.
+    max_fit_points
+        Hyperparameters are fitted on at most this many points (an energy-sorted, evenly
+        strided subset): a refit then costs O(max_fit_points^3) per likelihood evaluation
+        however long the scan; the posterior always uses every point.
+
+    Notes
+    -----
+    With fixed hyperparameters new points are added by :meth:`append`, which grows the
+    Cholesky factor by one row (O(N^2)) and, when a prediction ``grid`` is set, updates
+    the posterior on that grid by a rank-1 downdate (O(N G + G^2)): a decision stays
+    bounded in time as N grows, instead of the O(N^3 + N^2 G) of refactorising.
     """
 
     centres: tuple[float, ...] = ()
     warp_width: float = 1.5
     warp_grid: tuple[float, ...] = (0.0, 3.0, 8.0)
     length_bounds: tuple[float, float] = (0.3, 60.0)
+    max_fit_points: int = 300
     # fitted state
     warp: float = 0.0
     length: float = 5.0
@@ -66,10 +78,18 @@ class WarpedGP:
     y_mean: float = 0.0
     y_scale: float = 1.0
     log_marginal_likelihood: float = float("nan")
+    grid: np.ndarray | None = field(default=None, repr=False)
+    _n: int = field(default=0, repr=False)
     _x: np.ndarray = field(default=None, repr=False)
-    _chol: np.ndarray = field(default=None, repr=False)
-    _alpha: np.ndarray = field(default=None, repr=False)
+    _y: np.ndarray = field(default=None, repr=False)
+    _nv: np.ndarray = field(default=None, repr=False)
     _u: np.ndarray = field(default=None, repr=False)
+    _L: np.ndarray = field(default=None, repr=False)  # capacity buffer, factor in [:n, :n]
+    _beta: np.ndarray = field(default=None, repr=False)  # L^-1 y (normalised)
+    _V: np.ndarray = field(default=None, repr=False)  # buffer, L^-1 K(X, grid) in [:n]
+    _ug: np.ndarray = field(default=None, repr=False)
+    _kgg: np.ndarray = field(default=None, repr=False)
+    _cov: np.ndarray = field(default=None, repr=False)  # posterior cov on grid (normalised)
 
     def warp_inputs(self, x: np.ndarray, warp: float | None = None) -> np.ndarray:
         """Map energies to the warped coordinate ``u``."""
@@ -89,6 +109,26 @@ class WarpedGP:
                 "amplitude": float(self.amplitude * self.y_scale**2),
                 "lml": float(self.log_marginal_likelihood)}
 
+    @property
+    def n_points(self) -> int:
+        """Number of points the posterior is conditioned on."""
+        return self._n
+
+    @property
+    def x(self) -> np.ndarray:
+        """Inputs the posterior is conditioned on."""
+        return self._x[: self._n] if self._x is not None else np.empty(0)
+
+    def copy_hyperparameters(self) -> WarpedGP:
+        """A fresh, unconditioned model with this one's settings and hyperparameters."""
+        return WarpedGP(centres=tuple(self.centres), warp_width=self.warp_width,
+                        warp_grid=tuple(self.warp_grid), length_bounds=self.length_bounds,
+                        max_fit_points=self.max_fit_points, warp=self.warp,
+                        length=self.length, amplitude=self.amplitude, y_mean=self.y_mean,
+                        y_scale=self.y_scale,
+                        log_marginal_likelihood=self.log_marginal_likelihood,
+                        grid=self.grid)
+
     def refit(self, x: np.ndarray, y: np.ndarray, noise_var: np.ndarray) -> WarpedGP:
         """Fit hyperparameters (warp strength, length, amplitude) and condition on data."""
         x, y, nv = self._check(x, y, noise_var)
@@ -96,17 +136,22 @@ class WarpedGP:
         self.y_scale = float(np.std(y)) or 1.0
         yn = (y - self.y_mean) / self.y_scale
         alpha = nv / self.y_scale**2 + _JITTER
+        fx, fy, fa = x, yn, alpha
+        if x.size > self.max_fit_points:
+            order = np.argsort(x, kind="stable")
+            sub = order[np.round(np.linspace(0, x.size - 1, self.max_fit_points)).astype(int)]
+            fx, fy, fa = x[sub], yn[sub], alpha[sub]
         best = None
         grid = self.warp_grid if self.centres else (0.0,)
         for a in grid:
             kernel = ConstantKernel(self.amplitude, (1e-3, 1e3)) * Matern(
                 length_scale=float(np.clip(self.length, *self.length_bounds)),
                 length_scale_bounds=self.length_bounds, nu=2.5)
-            gpr = GaussianProcessRegressor(kernel, alpha=alpha, normalize_y=False,
+            gpr = GaussianProcessRegressor(kernel, alpha=fa, normalize_y=False,
                                            n_restarts_optimizer=0)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                gpr.fit(self.warp_inputs(x, a)[:, None], yn)
+                gpr.fit(self.warp_inputs(fx, a)[:, None], fy)
             lml = gpr.log_marginal_likelihood_value_
             if best is None or lml > best[0]:
                 best = (lml, a, gpr.kernel_)
@@ -122,23 +167,89 @@ class WarpedGP:
         """Condition on data with the current hyperparameters (no refit)."""
         if not _checked:
             x, y, noise_var = self._check(x, y, noise_var)
-        self._x = x
+        n = x.size
+        self._n = n
+        self._x, self._y, self._nv = x.copy(), y.copy(), noise_var.copy()
         self._u = self.warp_inputs(x)
         k = self.amplitude * _matern52(self._u, self._u, self.length)
         k[np.diag_indices_from(k)] += noise_var / self.y_scale**2 + _JITTER
-        self._chol = cholesky(k, lower=True, check_finite=False)
+        cap = n + max(32, n // 2)
+        self._L = np.zeros((cap, cap))
+        self._L[:n, :n] = cholesky(k, lower=True, check_finite=False)
         yn = (y - self.y_mean) / self.y_scale
-        self._alpha = cho_solve((self._chol, True), yn, check_finite=False)
+        self._beta = solve_triangular(self._L[:n, :n], yn, lower=True, check_finite=False)
+        self._grid_cache(cap)
         return self
 
+    def _grid_cache(self, cap: int) -> None:
+        if self.grid is None:
+            self._V = self._cov = None
+            return
+        n = self._n
+        self._ug = self.warp_inputs(self.grid)
+        self._kgg = self.amplitude * _matern52(self._ug, self._ug, self.length)
+        self._V = np.zeros((cap, self.grid.size))
+        kxg = self.amplitude * _matern52(self._u, self._ug, self.length)
+        self._V[:n] = solve_triangular(self._L[:n, :n], kxg, lower=True, check_finite=False)
+        self._cov = self._kgg - self._V[:n].T @ self._V[:n]
+
+    def append(self, x: np.ndarray, y: np.ndarray, noise_var: np.ndarray) -> WarpedGP:
+        """Add points with the current hyperparameters: O(N^2 + N G + G^2) per point."""
+        if self._L is None:
+            raise RuntimeError("WarpedGP.append() before refit()/condition()")
+        x, y, nv = self._check(x, y, noise_var, min_size=1)
+        for xi, yi, vi in zip(x, y, nv, strict=True):
+            self._append_one(float(xi), float(yi), float(vi))
+        return self
+
+    def _append_one(self, xi: float, yi: float, vi: float) -> None:
+        n = self._n
+        if n + 1 > self._L.shape[0]:
+            self._grow(n + 1 + max(32, n // 2))
+        ui = self.warp_inputs(np.array([xi]))
+        kx = self.amplitude * _matern52(self._u[:n], ui, self.length)[:, 0]
+        knn = self.amplitude + vi / self.y_scale**2 + _JITTER
+        L = self._L
+        l_row = solve_triangular(L[:n, :n], kx, lower=True, check_finite=False)
+        d2 = knn - l_row @ l_row
+        if not d2 > 1e-12 * knn:  # numerically a duplicate: refactorise from scratch
+            self.condition(np.append(self._x[:n], xi), np.append(self._y[:n], yi),
+                           np.append(self._nv[:n], vi), _checked=True)
+            return
+        lnn = np.sqrt(d2)
+        L[n, :n] = l_row
+        L[n, n] = lnn
+        yn = (yi - self.y_mean) / self.y_scale
+        self._beta = np.append(self._beta, (yn - l_row @ self._beta) / lnn)
+        self._x = np.append(self._x[:n], xi)
+        self._y = np.append(self._y[:n], yi)
+        self._nv = np.append(self._nv[:n], vi)
+        self._u = np.append(self._u[:n], ui)
+        if self._V is not None:
+            kg = self.amplitude * _matern52(ui, self._ug, self.length)[0]
+            v_row = (kg - l_row @ self._V[:n]) / lnn
+            self._V[n] = v_row
+            self._cov -= np.outer(v_row, v_row)
+        self._n = n + 1
+
+    def _grow(self, cap: int) -> None:
+        n = self._n
+        L = np.zeros((cap, cap))
+        L[:n, :n] = self._L[:n, :n]
+        self._L = L
+        if self._V is not None:
+            V = np.zeros((cap, self._V.shape[1]))
+            V[:n] = self._V[:n]
+            self._V = V
+
     @staticmethod
-    def _check(x, y, noise_var):
+    def _check(x, y, noise_var, min_size: int = 2):
         x = np.asarray(x, dtype=float).ravel()
         y = np.asarray(y, dtype=float).ravel()
         nv = np.broadcast_to(np.asarray(noise_var, dtype=float), x.shape).copy()
-        if x.size < 2 or y.shape != x.shape:
+        if x.size < min_size or y.shape != x.shape:
             raise SmartbeamInputError(f"{x.size} inputs and {y.size} outputs: expected "
-                                      "equal sizes of at least 2")
+                                      f"equal sizes of at least {min_size}")
         if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(nv >= 0)):
             raise SmartbeamInputError("GP data contain NaN/inf or negative noise: expected "
                                       "finite values and non-negative noise variances")
@@ -153,14 +264,24 @@ class WarpedGP:
             Posterior mean; prior covariance on ``xg``; ``v = L^-1 K(X, xg)`` so that the
             posterior covariance is ``k_gg - v.T @ v`` (all in data units).
         """
-        if self._chol is None:
+        if self._L is None:
             raise RuntimeError("WarpedGP.posterior() before refit()/condition()")
+        n = self._n
         ug = self.warp_inputs(xg)
-        kxg = self.amplitude * _matern52(self._u, ug, self.length)
-        mean = self.y_mean + self.y_scale * (kxg.T @ self._alpha)
-        v = solve_triangular(self._chol, kxg, lower=True, check_finite=False) * self.y_scale
+        kxg = self.amplitude * _matern52(self._u[:n], ug, self.length)
+        v = solve_triangular(self._L[:n, :n], kxg, lower=True, check_finite=False)
+        mean = self.y_mean + self.y_scale * (v.T @ self._beta)
         kgg = (self.amplitude * self.y_scale**2) * _matern52(ug, ug, self.length)
-        return mean, kgg, v
+        return mean, kgg, v * self.y_scale
+
+    def grid_posterior(self) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean and covariance on :attr:`grid` (data units), from the cache."""
+        if self._cov is None:
+            raise RuntimeError("WarpedGP.grid_posterior() needs a grid and a conditioned "
+                               "model")
+        n = self._n
+        mean = self.y_mean + self.y_scale * (self._V[:n].T @ self._beta)
+        return mean, self._cov * self.y_scale**2
 
     def predict(self, xg: np.ndarray, return_std: bool = True):
         """Posterior mean (and standard deviation) at ``xg``."""
@@ -205,12 +326,31 @@ class XMCDGP:
         self.grid = np.linspace(e_min, e_max, n_grid)
         self.use_warp = warp
         self.step_width = step_width
-        self.gp_s = WarpedGP()
-        self.gp_d = WarpedGP()
+        self.gp_s = WarpedGP(grid=self.grid)
+        self.gp_d = WarpedGP(grid=self.grid)
         self.edges: tuple[float, float] | None = None
         self.functionals: SumRuleFunctionals | None = None
         self._post: dict | None = None
         self.noise_per_signal = 1e-6
+
+    def spawn(self) -> XMCDGP:
+        """An unconditioned copy with the same settings, hyperparameters and edges.
+
+        A background refit works on such a copy (warm-started from the current
+        hyperparameters) so the live model is never touched by two threads.
+        """
+        new = XMCDGP.__new__(XMCDGP)
+        new.__dict__.update({k: v for k, v in self.__dict__.items()
+                             if k not in ("gp_s", "gp_d", "_post")})
+        new.gp_s = self.gp_s.copy_hyperparameters()
+        new.gp_d = self.gp_d.copy_hyperparameters()
+        new._post = None
+        return new
+
+    @property
+    def n_points(self) -> int:
+        """Number of measured energies the posterior is conditioned on."""
+        return self.gp_s.n_points
 
     # -- fitting -------------------------------------------------------------------
     def fit(self, energy, mu_plus, mu_minus, var_plus, var_minus, *, refit: bool = True) -> XMCDGP:
@@ -225,7 +365,9 @@ class XMCDGP:
         var_plus, var_minus
             Their counting-noise variances.
         refit
-            Refit hyperparameters and relocate the edges (else keep them: fast path).
+            Refit hyperparameters and relocate the edges (else keep them: fast path). On
+            the fast path, data that extend the points already conditioned on (same
+            first N energies, in order) are appended incrementally.
         """
         e = np.asarray(energy, dtype=float)
         mp, mm = np.asarray(mu_plus, float), np.asarray(mu_minus, float)
@@ -249,8 +391,15 @@ class XMCDGP:
                 self.gp_s.condition(e, s, nv)
                 self.gp_d.condition(e, d, nv)
         else:
-            self.gp_s.condition(e, s, nv)
-            self.gp_d.condition(e, d, nv)
+            n_old = self.gp_s.n_points
+            if 0 < n_old <= e.size and self.gp_s._L is not None and np.array_equal(
+                    self.gp_s.x, e[:n_old]):
+                if e.size > n_old:
+                    self.gp_s.append(e[n_old:], s[n_old:], nv[n_old:])
+                    self.gp_d.append(e[n_old:], d[n_old:], nv[n_old:])
+            else:
+                self.gp_s.condition(e, s, nv)
+                self.gp_d.condition(e, d, nv)
         self._posterior()
         return self
 
@@ -273,17 +422,15 @@ class XMCDGP:
     def _posterior(self) -> None:
         f = self.functionals
         w_d = np.stack([f.w_p, f.w_q])  # (2, G)
-        m_s, kgg_s, v_s = self.gp_s.posterior(self.grid)
-        m_d, kgg_d, v_d = self.gp_d.posterior(self.grid)
-        # Sigma @ w without forming Sigma: K w - v.T (v w).
-        c_d = kgg_d @ w_d.T - v_d.T @ (v_d @ w_d.T)  # (G, 2)
-        c_r = kgg_s @ f.w_r - v_s.T @ (v_s @ f.w_r)  # (G,)
-        var_s = np.maximum(np.diag(kgg_s) - np.einsum("ij,ij->j", v_s, v_s), 0.0)
-        var_d = np.maximum(np.diag(kgg_d) - np.einsum("ij,ij->j", v_d, v_d), 0.0)
+        m_s, cov_s = self.gp_s.grid_posterior()
+        m_d, cov_d = self.gp_d.grid_posterior()
+        c_d = cov_d @ w_d.T  # (G, 2): Sigma_d w
+        c_r = cov_s @ f.w_r  # (G,)
+        var_s = np.maximum(np.diag(cov_s), 0.0)
+        var_d = np.maximum(np.diag(cov_d), 0.0)
         self._post = dict(m_s=m_s, m_d=m_d, var_s=var_s, var_d=var_d, c_d=c_d, c_r=c_r,
                           cov_pq=w_d @ c_d, var_r=float(f.w_r @ c_r),
-                          pq=w_d @ m_d, r=float(f.w_r @ m_s), v_s=v_s, v_d=v_d,
-                          kgg_s=kgg_s, kgg_d=kgg_d)
+                          pq=w_d @ m_d, r=float(f.w_r @ m_s), cov_s=cov_s, cov_d=cov_d)
 
     # -- results -------------------------------------------------------------------
     def moments(self) -> dict[str, float]:
@@ -347,9 +494,7 @@ class XMCDGP:
                     + red_spin / max(m["m_spin_sd"] ** 2, 1e-300))
         if target == "spectrum":
             out = np.zeros(self.grid.size)
-            for v, kgg, den in ((post["v_s"], post["kgg_s"], den_s),
-                                (post["v_d"], post["kgg_d"], den_d)):
-                cov = kgg - v.T @ v
+            for cov, den in ((post["cov_s"], den_s), (post["cov_d"], den_d)):
                 out += np.einsum("ij,ij->j", cov, cov) / den
             return out
         raise SmartbeamInputError(f"target={target!r}: expected 'm_orb', 'm_spin', "

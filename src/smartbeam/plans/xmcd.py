@@ -111,6 +111,7 @@ def xmcd_adaptive_scan(endstation: Readable, e_min: float, e_max: float, *,
                        n_init: int = 12, dwell: float = 1.0, target: str = "m_orb",
                        strategy: str = "smartbeam",
                        polarisations: list[str] | None = None,
+                       sync_refits: bool = False,
                        md: dict | None = None):
     """GP-adaptive XMCD scan that stops when the orbital/spin moment is known.
 
@@ -148,6 +149,11 @@ def xmcd_adaptive_scan(endstation: Readable, e_min: float, e_max: float, *,
     polarisations : list of str, optional
         Order of helicities at a point, default ['circ+', 'circ-'] (alternated between
         points to save EPU switches).
+    sync_refits : bool
+        False (default): hyperparameter refits run in a background thread while the
+        scan goes on, and decisions use the previous hyperparameters until a refit
+        lands, so no decision waits for a refit. True: refits inline (reproducible for
+        a given noise sequence, slower decisions).
     md : dict, optional
         Extra run metadata.
     """
@@ -173,17 +179,19 @@ def xmcd_adaptive_scan(endstation: Readable, e_min: float, e_max: float, *,
                            stopping=StoppingRule(rtol=float(tol), atol=atol,
                                                  max_points=max_points,
                                                  min_points=n_init + 4),
-                           cost=CostModel(dwell=float(dwell)))
+                           cost=CostModel(dwell=float(dwell)),
+                           sync_refits=bool(sync_refits))
     dec_example = {"energy": 0.0, "acquisition": 0.0, "n_points": 0, "m_orb": 0.0,
                    "m_orb_sd": 0.0, "m_spin": 0.0, "m_spin_sd": 0.0, "refit": False,
-                   "latency_ms": 0.0, "s_length": 0.0, "s_warp": 0.0, "d_length": 0.0,
+                   "latency_ms": 0.0, "refit_pending": False, "s_length": 0.0, "s_warp": 0.0, "d_length": 0.0,
                    "d_warp": 0.0, "e_l3": 0.0, "e_l2": 0.0, "stop_reason": ""}
     decisions = _StreamSignals("decision_", dec_example)
     moments = _StreamSignals("moments_", _moments_row({}, 0, 0.0, ""))
     _md = {"plan_name": "xmcd_adaptive_scan", "motors": [endstation.energy.name],
            "plan_args": {"e_min": e_min, "e_max": e_max, "edges": edges, "n_h": n_h, "tol": tol,
                          "atol": atol, "max_points": max_points, "n_init": n_init,
-                         "dwell": dwell, "target": target, "strategy": strategy},
+                         "dwell": dwell, "target": target, "strategy": strategy,
+                         "sync_refits": sync_refits},
            "hints": {"dimensions": [([endstation.energy.name], "primary")]}}
     _md.update(md or {})
 
@@ -205,7 +213,8 @@ def xmcd_adaptive_scan(endstation: Readable, e_min: float, e_max: float, *,
                 "acquisition": decision.acquisition, "n_points": decision.n_points,
                 "m_orb": m["m_orb"], "m_orb_sd": m["m_orb_sd"], "m_spin": m["m_spin"],
                 "m_spin_sd": m["m_spin_sd"], "refit": bool(decision.refit),
-                "latency_ms": decision.latency_ms, "s_length": h["s_length"],
+                "latency_ms": decision.latency_ms,
+                "refit_pending": bool(decision.refit_pending), "s_length": h["s_length"],
                 "s_warp": h["s_warp"], "d_length": h["d_length"], "d_warp": h["d_warp"],
                 "e_l3": m["e_l3"], "e_l2": m["e_l2"], "stop_reason": decision.reason},
                 "decisions")
@@ -235,6 +244,8 @@ def xmcd_adaptive_scan(endstation: Readable, e_min: float, e_max: float, *,
                                    f"{scanner.n_points} points, all of them written")
         scanner.tell(float(e), mp, mm, vp, vm)
 
+    # A refit still in flight when the scan ends is a daemon thread working on its own
+    # copy of the model: it finishes (bounded by WarpedGP.max_fit_points) and is dropped.
     return (yield from inner())
 
 
