@@ -26,6 +26,8 @@ COMMAND_MODULES = (
     "smartbeam.commands.library",
     "smartbeam.commands.estimate",
     "smartbeam.commands.mds",
+    "smartbeam.commands.reprocess",
+    "smartbeam.commands.replay",
     "smartbeam.commands.bench",
 )
 
