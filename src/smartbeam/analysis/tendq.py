@@ -56,6 +56,8 @@ CONSENSUS_MEASURES = ("euclidean", "cosine", "pearson", "jsd")
 DEFAULT_EXTRA_FWHM = (0.0, 0.3, 0.5, 0.7)
 #: Edge-step positions (eV from the white-line maxima) tried by default.
 DEFAULT_STEP_SHIFTS = (-1.0, -0.5, 0.0)
+# Too slow for the full offset search: evaluated at Pearson's best window only.
+_AT_BEST_WINDOW = ("dtw",)
 # Distances that grow like |x| near the minimum are squared before the quadratic fit.
 _SQUARE_FOR_FIT = {"euclidean", "jsd", "cityblock", "emd", "dtw"}
 
@@ -337,7 +339,7 @@ class TenDqFitter:
         m_, j_, n_ = win.shape
         flat = win.reshape(m_ * j_, n_)
         out = {}
-        for meas in set(self.measures) | {"pearson"}:
+        for meas in (set(self.measures) | {"pearson"}) - set(_AT_BEST_WINDOW):
             d = dissimilarity(prepare(flat, meas), self._prepared[meas], meas, step=self.step,
                               dtw_window=self.dtw_window, prepared=True)
             out[meas] = d.reshape(m_, j_, len(self.extra_fwhm), len(lib.ten_dq))
@@ -389,7 +391,25 @@ class TenDqFitter:
             out_maps.append({m: v[row] for m, v in maps.items()})
             out_ext.append(ext[row])
             out_shift.append(self.step_shifts[int(s)])
+            for meas in set(self.measures) & set(_AT_BEST_WINDOW):
+                out_maps[-1][meas] = self._at_best_window(ext[row], out_maps[-1]["pearson"],
+                                                          meas)
         return out_maps, out_ext, out_shift
+
+    def _at_best_window(self, ext: np.ndarray, pearson: np.ndarray, measure: str
+                        ) -> np.ndarray:
+        """A slow measure (DTW) over every entry at Pearson's best offset only.
+
+        DTW tolerates small misalignments by itself; evaluating it at every offset would
+        cost ~100x more. Other offsets are ``inf`` in the returned (J, B, K) map.
+        """
+        j = int(np.unravel_index(int(np.argmin(pearson)), pearson.shape)[0])
+        window = ext[j:j + self.n][None, :]
+        d = dissimilarity(prepare(window, measure), self._prepared[measure], measure,
+                          step=self.step, dtw_window=self.dtw_window, prepared=True)
+        out = np.full(pearson.shape, np.inf)
+        out[j] = d.reshape(pearson.shape[1:])
+        return out
 
     def predict(self, energy: np.ndarray, intensity: np.ndarray, name: str = "spectrum"
                 ) -> TenDqResult:
