@@ -285,7 +285,9 @@ _ARRAY_TAG = "__ndarray__"
 
 def _encode(obj: Any) -> Any:
     if isinstance(obj, np.ndarray | np.generic):
-        arr = np.ascontiguousarray(obj)
+        arr = np.asarray(obj)  # ascontiguousarray would make a scalar 1-D
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")
         if arr.dtype.kind in "OUS":  # strings/objects: exact as JSON lists
             return {_ARRAY_TAG: arr.tolist(), "dtype": arr.dtype.str, "shape": list(arr.shape),
                     "scalar": isinstance(obj, np.generic), "encoding": "list"}
