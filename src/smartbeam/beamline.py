@@ -3,7 +3,8 @@
 Used by the IPython profile, the queueserver worker and ``smartbeam demo``. With
 ``SMARTBEAM_SIM=1`` (the default) the twins are started as subprocesses on loopback;
 with ``SMARTBEAM_SIM=0`` the devices connect to the PV prefixes given in
-``SMARTBEAM_PREFIX_XMCD`` / ``_STXM`` / ``_SANS`` through the site's EPICS setup.
+``SMARTBEAM_PREFIX_XMCD`` / ``_STXM`` / ``_SANS`` / ``_XAS`` through the site's EPICS
+setup.
 """
 
 from __future__ import annotations
@@ -18,8 +19,13 @@ from .epics_env import configure_epics
 
 __all__ = ["INSTRUMENTS", "Beamline", "sim_enabled"]
 
-INSTRUMENTS = ("xmcd", "stxm", "sans")
-DEVICE_NAMES = {"xmcd": "xmcd", "stxm": "stxm", "sans": "sans_det"}
+INSTRUMENTS = ("xmcd", "stxm", "sans", "xas")
+DEVICE_NAMES = {"xmcd": "xmcd", "stxm": "stxm", "sans": "sans_det", "xas": "xas"}
+# "xas" is a second soft-X-ray endstation (same device class and IOC as "xmcd") whose twin
+# holds a non-magnetic Mn2+ oxide: 10Dq = 0.9 eV, monochromator 0.4 eV off calibration.
+IOC_KIND = {"xmcd": "xmcd", "stxm": "stxm", "sans": "sans", "xas": "xmcd"}
+SIM_IOC_ARGS = {"xas": ["--xas", "Mn2+:0.9:0.4"]}
+SIM_PREFIXES = {"xas": "SIM:XAS:"}
 # Calibration of the simulated instruments, as beamline staff would enter it for real
 # ones (the SANS twin's direct beam is slightly off the detector centre).
 SIM_CALIBRATION = {"sans": {"beam_centre": (63.7, 64.2)}}
@@ -36,7 +42,7 @@ class Beamline:
     Parameters
     ----------
     instruments
-        Which of ``xmcd``, ``stxm``, ``sans`` to set up.
+        Which of ``xmcd``, ``stxm``, ``sans``, ``xas`` to set up.
     sim
         Start twin IOCs (default: :func:`sim_enabled`).
     time_scale
@@ -88,8 +94,10 @@ class Beamline:
                 log = str(self.log_dir / f"ioc-{inst}.log") if self.log_dir else None
                 if self.log_dir:
                     self.log_dir.mkdir(parents=True, exist_ok=True)
-                args = ["--time-scale", str(self.time_scale), *self.ioc_args.get(inst, [])]
-                self.iocs[inst] = IOCProcess(inst, extra_args=args, log_path=log)
+                args = ["--time-scale", str(self.time_scale),
+                        *self.ioc_args.get(inst, SIM_IOC_ARGS.get(inst, []))]
+                self.iocs[inst] = IOCProcess(IOC_KIND[inst], prefix=SIM_PREFIXES.get(inst),
+                                             extra_args=args, log_path=log)
             atexit.register(self.stop)
             # The queueserver worker (and qserver-list-plans-devices) run the profile in
             # a multiprocessing child, which skips atexit: use multiprocessing's hook too.
@@ -130,7 +138,8 @@ def make_devices(prefixes: dict[str, str], connect_timeout: float = 10.0,
     """
     from .devices import STXM, SANSDetector, XMCDEndstation, connect_devices
 
-    classes = {"xmcd": XMCDEndstation, "stxm": STXM, "sans": SANSDetector}
+    classes = {"xmcd": XMCDEndstation, "stxm": STXM, "sans": SANSDetector,
+               "xas": XMCDEndstation}
     calibration = calibration or {}
     devices = {inst: classes[inst](prefix, name=DEVICE_NAMES[inst], **calibration.get(inst, {}))
                for inst, prefix in prefixes.items()}

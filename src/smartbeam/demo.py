@@ -61,7 +61,7 @@ def run_demo(data_dir: str | Path | None = None, output_dir: str | Path = "demo-
 
     output = Path(output_dir).resolve()
     output.mkdir(parents=True, exist_ok=True)
-    beamline = Beamline(time_scale=time_scale, log_dir=output / "logs")
+    beamline = Beamline(time_scale=time_scale, log_dir=output / "logs")  # xmcd, stxm, sans, xas
     # Twins and CA address list first: pyepics reads it when ophyd is imported.
     beamline.start_iocs()
     try:
@@ -93,7 +93,7 @@ def _run(beamline, data_dir, output: Path, quick: bool) -> DemoResult:
         result.data_dir = store.data_dir
         RE = RunEngine({})
         RE.subscribe(analysis_chain(store.writer(), png_dir=output))
-        for step in (_xmcd_step, _stxm_step, _sans_step):
+        for step in (_xmcd_step, _xas_step, _stxm_step, _sans_step):
             t0 = time.monotonic()
             step(RE, devices, store, result, output, quick)
             print(f"  {step.__name__[1:-5]}: done in {time.monotonic() - t0:.1f} s", flush=True)
@@ -122,6 +122,29 @@ def _xmcd_step(RE, devices, store, result: DemoResult, output: Path, quick: bool
     m = read_stream(run, "moments")
     result.add("XMCD dense reference", run, f"m_orb={m['moments_m_orb'][-1]:.3f}, "
                f"m_spin={m['moments_m_spin'][-1]:.2f}", int(m["moments_n_points"][-1]))
+
+
+def _xas_step(RE, devices, store, result: DemoResult, output: Path, quick: bool) -> None:
+    from .plans import xas_tendq_scan
+    from .storage import read_stream
+
+    xas = devices["xas"]
+    (uid,) = RE(xas_tendq_scan(xas, 630.0, 663.0, num=111 if quick else 331, dwell=0.2),
+                sample="MnO-like (twin, 10Dq = 0.9 eV, mono offset 0.4 eV)")
+    run = store.runs[uid]
+    n = run.metadata["stop"]["num_events"]["primary"]
+    if "analysis" not in run:
+        result.add("XAS 10Dq", run, "no analysis stream (see the log)", n)
+        return
+    a = read_stream(run, "analysis")
+    if a["error"][-1]:
+        summary = f"analysis error: {a['error'][-1]}"
+    elif not bool(a["described"][-1]):
+        summary = f"rejected: not described by the library (score {a['score'][-1]:.3f})"
+    else:
+        summary = (f"10Dq = {a['ten_dq'][-1]:.3f} ± {a['ten_dq_sd'][-1]:.3f} eV, "
+                   f"offset {a['offset'][-1]:+.2f} eV (truth 0.9 eV, +0.4 eV)")
+    result.add("XAS 10Dq", run, summary, n)
 
 
 def _stxm_step(RE, devices, store, result: DemoResult, output: Path, quick: bool) -> None:
