@@ -1,0 +1,184 @@
+"""STXM benchmark: adaptive vs conventional XMCD stacks, 10Dq maps, analysis throughput.
+
+Simulated in process from the twins' physics (no IOC, so beam time is the model's):
+
+- domain sample (Fe film, ``sim_devices.physics.stxm``): a conventional stack of
+  ``--n-conv`` evenly spaced energies sets the reference m_orb map error (RMS against the
+  truth); the adaptive stack runs up to the same budget and the first energy count at
+  which its error is <= the reference is reported (``null`` if never);
+- multi-region field (``sim_devices.physics.stxm_xas``): per-pixel 10Dq RMS error inside
+  the Mn2+ regions and the accuracy of the "described by the library" mask;
+- throughput: pixels/s of the moment analysis (100x100 pixels) and of the 10Dq map, in
+  process and on a 2-worker Dask LocalCluster. BLAS is pinned to one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``smartbeam bench stxm``."""
+    parser.add_argument("--quick", action="store_true", help="reduced run")
+    parser.add_argument("--seed", type=int, default=2024, help="seed of the counting noise")
+    parser.add_argument("--size", type=int, default=None, help="domain field NxN (default 64)")
+    parser.add_argument("--n-conv", type=int, default=None,
+                        help="energies of the conventional stack (default 101, quick 61)")
+    parser.add_argument("--dwell", type=float, default=0.001, help="dwell per pixel (s)")
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+
+
+def _rmse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.nanmean((a - b) ** 2)))
+
+
+def _moments_part(n: int, n_conv: int, dwell: float, rng: np.random.Generator) -> dict:
+    from sim_devices.physics.stxm import STXMSample
+    from sim_devices.physics.xmcd import XMCDSample, preset
+
+    from ..analysis.stack import AdaptiveStack, StackCost, StackModel, optical_density
+
+    sample = STXMSample(XMCDSample(preset("Fe")), shape=(n, n))
+    truth = sample.true_moment_maps()["m_orb"]
+    x = (np.arange(n) + 0.5) * sample.pixel_um  # pixel centres: exact truth alignment
+    e_min, e_max, edges, n_h = 695.0, 735.0, (707.8, 720.8), 3.39
+
+    def pair(e):
+        return (sample.image(e, 1, dwell, x, x, rng), sample.image(e, -1, dwell, x, x, rng))
+
+    cost = StackCost(n_pixels=n * n, n_lines=n, dwell=dwell)
+    grid = np.linspace(e_min, e_max, n_conv)
+    imgs = [pair(e) for e in tqdm(grid, desc="conventional stack", leave=False)]
+    odp, vp = optical_density(np.array([i[0] for i in imgs]))
+    odm, vm = optical_density(np.array([i[1] for i in imgs]))
+    conv = StackModel(e_min, e_max, n_h, edges=edges).fit(grid, odp, odm, vp, vm).moments()
+    conv_rmse = _rmse(conv.m_orb, truth)
+    conv_time = float(sum(cost(np.array([e]), p)[0] for e, p in zip(
+        grid, np.concatenate([[None], grid[:-1]]), strict=True)))
+
+    ad = AdaptiveStack(e_min, e_max, n_h, cost, tol=1e-6, max_energies=n_conv, n_init=10,
+                       edges=edges)
+    beam, cur, reached, history = 0.0, None, None, []
+    for e in ad.initial_design():
+        ad.tell(e, *pair(e))
+        beam += float(cost(np.array([e]), cur)[0])
+        cur = e
+    bar = tqdm(total=n_conv, desc="adaptive stack", leave=False, initial=ad.n_energies)
+    while True:
+        dec = ad.ask(cur)
+        err = _rmse(ad.model.moments().m_orb, truth)
+        history.append({"n": ad.n_energies, "rmse": err, "rms_sd": dec.rms_sd})
+        if reached is None and err <= conv_rmse:
+            reached = {"n": ad.n_energies, "beamtime_s": beam, "rmse": err}
+            break
+        if dec.stop:
+            break
+        beam += float(cost(np.array([dec.energy]), cur)[0])
+        cur = dec.energy
+        ad.tell(dec.energy, *pair(dec.energy))
+        bar.update(1)
+    bar.close()
+    final = history[-1]
+    return {
+        "energies_adaptive": reached["n"] if reached else None,
+        "energies_conventional": n_conv,
+        "beamtime_ratio": (reached["beamtime_s"] / conv_time) if reached else None,
+        "m_orb_map_rmse": {"adaptive": reached["rmse"] if reached else final["rmse"],
+                           "conventional": conv_rmse},
+        "adaptive_best_rmse": min(h["rmse"] for h in history),
+        "adaptive_energies_spent": ad.n_energies,
+        "conventional_rms_sd": conv.rms_sd,
+        "adaptive_history": history[:: max(1, len(history) // 15)],
+        "field_pixels": [n, n], "dwell_s": dwell,
+    }
+
+
+def _tendq_part(n: int, rng: np.random.Generator, dwell: float) -> dict:
+    from sim_devices.physics.stxm_xas import STXMXASSample
+
+    from ..analysis.stack import optical_density, tendq_maps
+    from ..library_store import make_fitter
+
+    sample = STXMXASSample(shape=(n, n))
+    e = np.arange(632.0, 660.0, 0.2)
+    x = (np.arange(n) + 0.5) * sample.pixel_um
+    od, _ = optical_density(np.array([sample.image(v, 0, dwell, x, x, rng) for v in e]))
+    fitter = make_fitter()
+    t0 = time.perf_counter()
+    maps = tendq_maps(fitter, e, od)
+    dt = time.perf_counter() - t0
+    truth = sample.true_ten_dq_map()
+    mn2 = np.isfinite(truth)
+    # Inside the regions: pixels whose 3x3 neighbourhood is one region.
+    from scipy import ndimage
+
+    interior = ndimage.minimum_filter(sample.regions, 3) == ndimage.maximum_filter(
+        sample.regions, 3)
+    sel = mn2 & interior & maps["described"]
+    return {"tendq_map_rmse_eV": _rmse(maps["ten_dq"][sel], truth[sel]),
+            "rejection_accuracy": float(np.mean(maps["described"] == mn2)),
+            "tendq_pixels": int(n * n), "tendq_pixels_per_s": n * n / dt,
+            "tendq_counts_per_pixel_dwell": float(sample.flux * dwell),
+            "spectra": (e, od.reshape(e.size, -1).T)}
+
+
+def _moments_throughput(rng: np.random.Generator) -> float:
+    from sim_devices.physics.stxm import STXMSample
+    from sim_devices.physics.xmcd import XMCDSample, preset
+
+    from ..analysis.stack import StackModel, optical_density
+
+    sample = STXMSample(XMCDSample(preset("Fe")), shape=(100, 100))
+    e = np.linspace(695, 735, 101)
+    x = (np.arange(100) + 0.5) * sample.pixel_um
+    odp, vp = optical_density(np.array([sample.image(v, 1, 0.001, x, x, rng) for v in e]))
+    odm, vm = optical_density(np.array([sample.image(v, -1, 0.001, x, x, rng) for v in e]))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        StackModel(695, 735, 3.39, edges=(707.8, 720.8)).fit(e, odp, odm, vp, vm).moments()
+        times.append(time.perf_counter() - t0)
+    return 1e4 / float(np.median(times)), float(np.median(times))
+
+
+def _dask_tendq(e: np.ndarray, spectra: np.ndarray) -> float:
+    from dask.distributed import Client, LocalCluster
+
+    from ..commands.reprocess import tendq_task
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        # Warm the workers (library load) so the figure is analysis, not start-up.
+        client.gather([client.submit(tendq_task, e, spectra[:2], "Mn2+", pure=False)
+                       for _ in range(2)])
+        t0 = time.perf_counter()
+        futs = [client.submit(tendq_task, e, spectra[i:i + 32], "Mn2+", pure=False)
+                for i in range(0, len(spectra), 32)]
+        client.gather(futs)
+        return len(spectra) / (time.perf_counter() - t0)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the benchmark; returns the JSON figures."""
+    threadpool_limits(1)
+    quick = bool(getattr(args, "quick", False))
+    rng = np.random.default_rng(args.seed)
+    n = args.size or 64
+    n_conv = args.n_conv or (61 if quick else 101)
+    out = _moments_part(n, n_conv, args.dwell, rng)
+    tq = _tendq_part(12 if quick else 32, rng, dwell=0.005)
+    e, spectra = tq.pop("spectra")
+    px_moments, t_moments = _moments_throughput(rng)
+    out.update(tq)
+    out["moments_100x100_s"] = t_moments
+    out["pixels_per_s"] = {"moments": px_moments, "tendq": tq["tendq_pixels_per_s"],
+                           "tendq_dask": _dask_tendq(e, spectra)}
+    out["quick"] = quick
+    return out
