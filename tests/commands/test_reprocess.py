@@ -81,6 +81,7 @@ def test_moments_reprocess_is_linked_idempotent_and_leaves_raw_alone(storage, cl
     np.testing.assert_array_equal(raw["primary"]["stxm_det_image"].read(), before[2])
 
 
+@pytest.mark.slow
 def test_tendq_reprocess_splits_pixels_over_workers(storage, client):
     from smartbeam.library_store import load_packaged_library
 
