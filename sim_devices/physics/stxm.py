@@ -91,8 +91,12 @@ class STXMSample:
 
     def pixel_index(self, x_um: np.ndarray, y_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Nearest pixel (row, column) of stage positions in µm (clipped to the field)."""
-        col = np.clip(np.floor(np.asarray(x_um) / self.pixel_um).astype(int), 0, self.shape[1] - 1)
-        row = np.clip(np.floor(np.asarray(y_um) / self.pixel_um).astype(int), 0, self.shape[0] - 1)
+        # Pixel k spans [k, k+1) pixel sizes; the small epsilon keeps rasters at exact
+        # multiples of the pixel size (0.09 / 0.03 = 2.9999...) on the intended pixel.
+        col = np.clip(np.floor(np.asarray(x_um) / self.pixel_um + 1e-6).astype(int), 0,
+                      self.shape[1] - 1)
+        row = np.clip(np.floor(np.asarray(y_um) / self.pixel_um + 1e-6).astype(int), 0,
+                      self.shape[0] - 1)
         return row, col
 
     def image(self, energy: float, helicity: int, dwell: float, x_um: np.ndarray,

@@ -49,6 +49,12 @@ def test_images_are_poisson_with_the_expected_mean(sample):
     np.testing.assert_allclose(stack.var(axis=0).mean(), mean.mean(), rtol=0.1)
 
 
+def test_raster_at_pixel_multiples_visits_every_pixel_once(sample):
+    x = np.arange(50) * sample.pixel_um
+    rows, cols = sample.pixel_index(x, np.zeros_like(x))
+    assert list(cols) == list(range(50))
+
+
 def test_stage_positions_map_to_pixels(sample):
     rows, cols = sample.pixel_index(np.array([0.0, 0.031, 99.0]), np.array([0.0, 0.0, -1.0]))
     assert list(cols) == [0, 1, 49]
