@@ -1,5 +1,7 @@
 """10Dq estimator: grid and between-grid recovery, offset search, rejection, flags."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -14,7 +16,11 @@ from smartbeam.errors import SmartbeamInputError
 from smartbeam.library_store import load_packaged_library
 from smartbeam.readers.spectra import read_spectrum
 
-EELS = "/work/shared/data/eels_hyperspy/hyperspy_Mn_O_coreloss_spectrum.msa"
+# shared/data sits beside the clone (<repo>/../shared/data); never the holdout folder.
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+EELS = str(DATA / "eels_hyperspy" / "hyperspy_Mn_O_coreloss_spectrum.msa")
+needs_eels = pytest.mark.skipif(not Path(EELS).is_file(),
+                                reason=f"measured EELS spectrum not found at {EELS}")
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +89,50 @@ def test_other_ion_and_noise_rejected(lib, sim, threshold):
     assert ok.described and ok.score <= threshold
 
 
+@needs_eels
 def test_measured_eels_not_mn2_is_rejected(lib, threshold):
     e, y = read_spectrum(EELS)
     for offset_range in (2.0, 10.0):
         r = TenDqFitter(threshold=threshold, offset_range=offset_range).fit(lib).predict(e, y)
         assert not r.described, r
+
+
+@pytest.mark.parametrize("extra", [0.5, 0.4])
+def test_extra_resolution_searched(lib, sim, extra):
+    # 0.4 eV is off the searched broadening grid (0, 0.3, 0.5, 0.7)
+    y = degrade(sim.clean(1.35), sim.step, np.random.default_rng(2), extra_fwhm=extra)
+    r = TenDqFitter(measures=("pearson",)).fit(lib).predict(sim.energy, y)
+    assert r.ten_dq == pytest.approx(1.35, abs=0.05)
+    assert r.extra["extra_fwhm"] == pytest.approx(extra, abs=0.15)
+    r0 = TenDqFitter(measures=("pearson",), extra_fwhm=(0.0,)).fit(lib).predict(sim.energy, y)
+    assert abs(r0.ten_dq - 1.35) > abs(r.ten_dq - 1.35)
+
+
+@pytest.mark.parametrize("step_at", [0.0, -1.0])
+def test_edge_step_and_sloped_background(lib, sim, step_at):
+    # a measured-like spectrum: sloped pre-edge and 2:1 arctan edge steps under the lines
+    dq, off = 1.15, 0.4
+    e = sim.energy
+    y = shifted(sim, sim.clean(dq), off)
+    y = 4 * y / y.max()
+    k = int(np.argmin(np.abs(lib.ten_dq - dq)))
+    lo = lib.energy < lib.meta["l3_l2_split_eV"]
+    l3 = lib.energy[lo][np.argmax(lib.spectra[k][lo])] + off + step_at
+    l2 = lib.energy[~lo][np.argmax(lib.spectra[k][~lo])] + off + step_at
+    edge = 2 / 3 * (0.5 + np.arctan((e - l3) / 0.5) / np.pi) + \
+        1 / 3 * (0.5 + np.arctan((e - l2) / 0.5) / np.pi)
+    y = y + 0.3 + 0.01 * (e - e[0]) + edge
+    r = TenDqFitter().fit(lib).predict(e, y)
+    assert r.ten_dq == pytest.approx(dq, abs=0.04)
+    assert r.offset == pytest.approx(off, abs=0.1)
+
+
+def test_dtw_at_best_window(lib, sim):
+    y = shifted(sim, sim.clean(1.45), -0.6)
+    r = TenDqFitter(measures=("pearson", "dtw")).fit(lib).predict(sim.energy, y)
+    assert r.extra["raw_per_measure"]["dtw"] == pytest.approx(1.45, abs=0.1)
+    assert r.per_measure_offset["dtw"] == pytest.approx(r.per_measure_offset["pearson"],
+                                                        abs=0.06)
 
 
 def test_flags_edges_and_crossover(lib):
