@@ -153,7 +153,8 @@ def _stxm_step(RE, devices, store, result: DemoResult, output: Path, quick: bool
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plans import stxm_image
+    from .plans import stxm_image, stxm_xmcd_stack
+    from .storage import read_stream
 
     stxm = devices["stxm"]
     pixel = 0.06 if quick else 0.03
@@ -172,6 +173,18 @@ def _stxm_step(RE, devices, store, result: DemoResult, output: Path, quick: bool
     result.pngs.append(png)
     result.add("STXM image", run, f"{images.shape[1]}x{images.shape[2]} px, XMCD contrast "
                f"sd {contrast.std():.3f}", images.shape[0])
+
+    (uid,) = RE(stxm_xmcd_stack(stxm, x_range=[0.0, 1.47], y_range=[0.0, 1.47], pixel=0.06,
+                                e_min=695.0, e_max=735.0, tol=0.1,
+                                max_energies=24 if quick else 40, dwell=0.004),
+                sample="Fe domains (twin)")
+    run = store.runs[uid]
+    maps = read_stream(run, "maps")
+    m_orb = maps["stack_m_orb"][-1]
+    result.add("STXM adaptive XMCD stack", run,
+               f"{m_orb.shape[1]}x{m_orb.shape[0]} px maps, m_orb {np.nanmin(m_orb):+.3f}.."
+               f"{np.nanmax(m_orb):+.3f}, map rms sd {float(maps['stack_rms_sd'][-1]):.3f}; "
+               f"{maps['stack_stop_reason'][-1]}", int(maps["stack_n_energies"][-1]))
 
 
 def _sans_step(RE, devices, store, result: DemoResult, output: Path, quick: bool) -> None:
