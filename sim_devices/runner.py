@@ -6,11 +6,13 @@ import argparse
 import json
 import sys
 
-__all__ = ["DEFAULT_PORTS", "DEFAULT_PREFIXES", "INSTRUMENTS", "add_ioc_arguments", "run_ioc"]
+__all__ = ["DEFAULT_PORTS", "DEFAULT_PREFIXES", "INSTRUMENTS", "STXM_SAMPLES", "add_ioc_arguments",
+           "run_ioc", "stxm_sample_from"]
 
 INSTRUMENTS = ("xmcd", "stxm", "sans")
 DEFAULT_PREFIXES = {"xmcd": "SIM:XMCD:", "stxm": "SIM:STXM:", "sans": "SIM:SANS:"}
 DEFAULT_PORTS = {"xmcd": 5701, "stxm": 5702, "sans": 5703}
+STXM_SAMPLES = ("domains", "tendq")
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -42,6 +44,10 @@ def add_ioc_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sans: realistic | sharp | anisotropic")
     parser.add_argument("--count-rate", type=float, default=3000.0,
                         help="sans: counts per second on the detector")
+    parser.add_argument("--sample", choices=STXM_SAMPLES, default="domains",
+                        help="stxm: 'domains' (Fe film with magnetic domains, XMCD) or "
+                             "'tendq' (Mn2+ regions of 10Dq 0.6/0.9/1.2 eV and a foreign "
+                             "region, for 10Dq maps)")
     parser.add_argument("--shape", type=_shape, default=None,
                         help="sans: detector NYxNX (default 128x128); stxm: field of view "
                              "in pixels (default 100x100)")
@@ -75,6 +81,19 @@ def xas_sample_from(spec: str):
     return LibraryXASSample(ion=ion, ten_dq=ten_dq, edge_offset=offset)
 
 
+def stxm_sample_from(kind: str, truth: str | None, shape: tuple[int, int]):
+    """The STXM field of view: magnetic ``domains`` or Mn2+ ``tendq`` regions."""
+    if kind == "tendq":
+        from .physics.stxm_xas import STXMXASSample
+
+        return STXMXASSample(shape=shape)
+    if kind != "domains":
+        raise SystemExit(f"--sample {kind!r}: expected one of {STXM_SAMPLES}")
+    from .physics.stxm import STXMSample
+
+    return STXMSample(xmcd_sample_from(truth), shape=shape)
+
+
 def build_ioc(args: argparse.Namespace):
     """The PVGroup instance for the parsed options."""
     from .iocs import common
@@ -88,9 +107,9 @@ def build_ioc(args: argparse.Namespace):
         return XMCDEndstationIOC(prefix=prefix, sample=sample, seed=args.seed)
     if args.instrument == "stxm":
         from .iocs.stxm import stxm_ioc_class
-        from .physics.stxm import STXMSample
 
-        sample = STXMSample(xmcd_sample_from(args.truth), shape=args.shape or (100, 100))
+        sample = stxm_sample_from(getattr(args, "sample", "domains"), args.truth,
+                                  args.shape or (100, 100))
         return stxm_ioc_class(sample.extent_um)(prefix=prefix, sample=sample, seed=args.seed)
     from .iocs.sans import sans_ioc_class
     from .physics.sans import SANSSample

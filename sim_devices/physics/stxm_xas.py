@@ -2,10 +2,15 @@
 
 Each Mn2+ region absorbs like the shipped edrixs Mn2+ multiplet library spectrum at its
 10Dq (``smartbeam.library_store.load_packaged_library``); one region holds a spectrum that
-is *not* Mn2+ (two broad white lines with a 1:1 branching ratio, as of a higher-valent or
-metallic phase), which a 10Dq map must reject. Thickness varies smoothly; transmitted
-counts are Poisson with mean ``flux * dwell * exp(-OD)``. Same interface as
-:class:`sim_devices.physics.stxm.STXMSample` (``image``, ``pixel_index``, ``extent_um``).
+is *not* Mn2+, which a 10Dq map must reject. By default that is a physical one: the edrixs
+multiplet spectrum of Mn3+ (3d4, 10Dq 1.8 eV, L3 maximum 1.5 eV above Mn2+'s as the
+valence shift), computed once and cached on disk through
+:func:`smartbeam.library_store.get_library` (~15 s the first time, instant after); its
+white-line area is 4/5 of Mn2+'s (4 instead of 5 d holes). ``foreign_ion=None`` gives
+instead a made-up phase (two broad Lorentzian white lines, 1:1 branching ratio) that
+needs no edrixs run. Thickness varies smoothly; transmitted counts are Poisson with mean
+``flux * dwell * exp(-OD)``. Same interface as :class:`sim_devices.physics.stxm.STXMSample`
+(``image``, ``pixel_index``, ``extent_um``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ class STXMXASSample:
         10Dq (eV) of the Mn2+ regions.
     foreign
         Add one region whose spectrum is not Mn2+.
+    foreign_ion, foreign_ten_dq, foreign_l3_eV
+        The foreign region's edrixs ion, its 10Dq and where its L3 maximum sits (eV);
+        ``foreign_ion=None``: the made-up Lorentzian phase instead.
     optical_density
         OD of the L3 maximum of the thickest region.
     flux
@@ -46,6 +54,9 @@ class STXMXASSample:
     pixel_um: float = 0.03
     ten_dq: tuple[float, ...] = (0.6, 0.9, 1.2)
     foreign: bool = True
+    foreign_ion: str | None = "Mn3+"
+    foreign_ten_dq: float = 1.8
+    foreign_l3_eV: float = 641.5
     optical_density: float = 1.0
     flux: float = 2.0e6
     seed: int = 11
@@ -70,13 +81,25 @@ class STXMXASSample:
         lib = self.library
         self._peak = float(lib.spectra.max())
         e = lib.energy
-        l3 = float(e[np.argmax(lib.spectra[9])])
-        split = float(lib.meta["l3_l2_split_eV"])
-        l2 = float(e[e > split][np.argmax(lib.spectra[9][e > split])])
-        self._edges = (l3, l2)
-        w = 1.5
-        self._foreign = 0.6 * self._peak * (1 / (1 + ((e - l3 - 1.0) / w) ** 2)
-                                            + 1 / (1 + ((e - l2 - 1.0) / w) ** 2))
+        ref = lib.spectra[int(np.argmin(np.abs(lib.ten_dq - 0.9)))]
+        self._edges = _edges(e, ref, float(lib.meta["l3_l2_split_eV"]))
+        if self.foreign and self.foreign_ion:
+            fe, fs, split = _foreign_spectrum(self.foreign_ion, self.foreign_ten_dq,
+                                              self.foreign_l3_eV)
+            # Same white-line area per hole as Mn2+ (5 holes): intensity follows holes.
+            from smartbeam.analysis.library import parse_ion
+
+            holes = 10 - parse_ion(self.foreign_ion)[2]
+            area = np.trapezoid(ref, e) * holes / 5.0
+            fs = fs * area / np.trapezoid(fs, fe)
+            self._foreign = (fe, fs)
+            self._foreign_edges = _edges(fe, fs, split)
+        else:
+            l3, l2 = self._edges
+            w = 1.5
+            self._foreign = (e, 0.6 * self._peak * (1 / (1 + ((e - l3 - 1.0) / w) ** 2)
+                                                    + 1 / (1 + ((e - l2 - 1.0) / w) ** 2)))
+            self._foreign_edges = self._edges
 
     @property
     def extent_um(self) -> tuple[float, float]:
@@ -87,14 +110,15 @@ class STXMXASSample:
         """Absorption (edge jump 1 + white lines, peak ~4) of a region on ``energy``."""
         lib = self.library
         e = np.asarray(energy, dtype=float)
+        l3, l2 = self._edges
         if label == FOREIGN:
-            white = np.interp(e, lib.energy, self._foreign, left=0.0, right=0.0)
+            white = np.interp(e, *self._foreign, left=0.0, right=0.0)
+            l3, l2 = self._foreign_edges
         else:
             k = int(np.argmin(np.abs(lib.ten_dq - self.ten_dq[label])))
             if not np.isclose(lib.ten_dq[k], self.ten_dq[label]):
                 raise ValueError(f"10Dq {self.ten_dq[label]} eV is not on the library grid")
             white = np.interp(e, lib.energy, lib.spectra[k], left=0.0, right=0.0)
-        l3, l2 = self._edges
         step = (2 / 3) * (0.5 + np.arctan((e - l3) / 0.5) / np.pi) + (1 / 3) * (
             0.5 + np.arctan((e - l2) / 0.5) / np.pi)
         return 0.1 + step + 3.0 * white / self._peak
@@ -109,8 +133,11 @@ class STXMXASSample:
 
     def pixel_index(self, x_um: np.ndarray, y_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Nearest pixel (row, column) of stage positions in µm (clipped to the field)."""
-        col = np.clip(np.floor(np.asarray(x_um) / self.pixel_um).astype(int), 0, self.shape[1] - 1)
-        row = np.clip(np.floor(np.asarray(y_um) / self.pixel_um).astype(int), 0, self.shape[0] - 1)
+        # As STXMSample: the epsilon keeps rasters at exact pixel multiples on their pixel.
+        col = np.clip(np.floor(np.asarray(x_um) / self.pixel_um + 1e-6).astype(int), 0,
+                      self.shape[1] - 1)
+        row = np.clip(np.floor(np.asarray(y_um) / self.pixel_um + 1e-6).astype(int), 0,
+                      self.shape[0] - 1)
         return row, col
 
     def image(self, energy: float, helicity: int, dwell: float, x_um: np.ndarray,
@@ -124,3 +151,21 @@ class STXMXASSample:
         """10Dq per pixel (NaN in the foreign region)."""
         vals = np.array(list(self.ten_dq) + [np.nan])
         return vals[np.where(self.regions == FOREIGN, len(self.ten_dq), self.regions)]
+
+
+def _edges(e: np.ndarray, spectrum: np.ndarray, split: float) -> tuple[float, float]:
+    """(L3, L2) maxima of a spectrum, split at ``split`` eV."""
+    hi = e > split
+    return float(e[~hi][np.argmax(spectrum[~hi])]), float(e[hi][np.argmax(spectrum[hi])])
+
+
+def _foreign_spectrum(ion: str, ten_dq: float, l3_ev: float
+                      ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Energy, spectrum and L3/L2 split of an edrixs single-entry library (disk-cached)."""
+    from smartbeam.analysis.library import LibraryParams
+    from smartbeam.library_store import get_library
+
+    params = LibraryParams(ion=ion, ten_dq_min=ten_dq, ten_dq_max=ten_dq,
+                           align_energy=l3_ev, align_ten_dq=ten_dq)
+    lib = get_library(params, compute=True, n_jobs=1, progress=False)
+    return lib.energy, lib.spectra[0], float(lib.meta["l3_l2_split_eV"])

@@ -7,11 +7,13 @@ import pytest
 
 from sim_devices.physics.stxm import STXMSample
 from sim_devices.physics.xmcd import XMCDSample, preset
+from smartbeam.analysis.gp import WarpedGP
 from smartbeam.analysis.stack import (
     AdaptiveStack,
     StackCost,
     StackModel,
     cluster_spectra,
+    grid_refit,
     optical_density,
 )
 from smartbeam.errors import SmartbeamInputError
@@ -77,6 +79,13 @@ def test_adaptive_prefers_edges_and_stops_on_target(sample):
     for e in ad.initial_design():
         ad.tell(e, *(c[0] for c in _stack(sample, [e], rng)))
     dec = ad.ask()
+    # After the uniform start the variance reduction is largest inside the edge region,
+    # not in the flat pre-/post-edge tails.
+    red = ad.model.variance_reduction()
+    grid = ad.model.grid
+    inside = (grid > 704) & (grid < 725)
+    assert red[inside].max() > red[~inside].max()
+    assert 704 < dec.energy < 725
     chosen = []
     while not dec.stop:
         chosen.append(dec.energy)
@@ -84,11 +93,8 @@ def test_adaptive_prefers_edges_and_stops_on_target(sample):
         dec = ad.ask(dec.energy)
     assert "tol" in dec.reason and ad.n_energies < 30
     assert dec.rms_sd <= 0.3 * dec.rms_m_orb
-    # The variance reduction is largest inside the edge region, not in the flat tails.
-    red = ad.model.variance_reduction()
-    grid = ad.model.grid
-    inside = (grid > 704) & (grid < 725)
-    assert red[inside].max() > red[~inside].max()
+    # Most chosen energies lie in the edge region.
+    assert np.mean([704 < e < 725 for e in chosen]) > 0.5
 
 
 def test_bad_input():
@@ -102,6 +108,21 @@ def test_bad_input():
         m.fit([700, 701, 702], z, z, z + 1, z + 1)
     with pytest.raises(SmartbeamInputError, match="max_energies"):
         AdaptiveStack(695, 735, 3.39, StackCost(4, 2, 0.001), max_energies=3)
+    with pytest.raises(SmartbeamInputError, match="inputs"):
+        grid_refit(WarpedGP(), [1.0], [2.0], [0.1])
+
+
+def test_grid_refit_matches_optimiser_likelihood():
+    rng = np.random.default_rng(2)
+    x = np.linspace(695, 735, 30)
+    y = np.arctan(x - 708) + 0.5 * np.exp(-((x - 708) / 1.5) ** 2) + rng.normal(0, 0.01, x.size)
+    nv = np.full(x.size, 1e-4)
+    ref = WarpedGP(centres=(708.0, 721.0)).refit(x, y, nv)
+    fast = grid_refit(WarpedGP(centres=(708.0, 721.0)), x, y, nv)
+    # Within ~1 nat of scikit-learn's L-BFGS optimum, and conditioned on all the data.
+    assert fast.log_marginal_likelihood > ref.log_marginal_likelihood - 1.0
+    assert fast.n_points == x.size
+    np.testing.assert_allclose(fast.predict(x, return_std=False), y, atol=0.05)
 
 
 def test_cluster_spectra_finds_regions():

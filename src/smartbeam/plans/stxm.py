@@ -7,6 +7,8 @@ every adaptive decision are written as their own streams of the same run.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import bluesky.plan_stubs as bps
@@ -17,6 +19,8 @@ from ophyd import Signal
 
 from ..analysis.stack import AdaptiveStack, StackCost
 from ..errors import SmartbeamInputError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["image_grid", "stxm_image", "stxm_xas_map", "stxm_xmcd_stack", "validate_raster"]
 
@@ -202,7 +206,8 @@ def stxm_xmcd_stack(stxm: Readable, *, x_range: list[float], y_range: list[float
                     pixel: float, e_min: float, e_max: float, tol: float = 0.1,
                     max_energies: int = 40, dwell: float = 0.001, adaptive: bool = True,
                     n_h: float = 3.39, edges: list[float] | None = None, n_init: int = 10,
-                    energies: list[float] | None = None, md: dict | None = None):
+                    energies: list[float] | None = None, png_dir: str | None = None,
+                    md: dict | None = None):
     """XMCD energy stack of a field of view with per-pixel m_orb / m_spin maps.
 
     Both helicities are imaged at each energy. With ``adaptive=True`` the next energy is
@@ -240,6 +245,10 @@ def stxm_xmcd_stack(stxm: Readable, *, x_range: list[float], y_range: list[float
         Energies of the initial uniform design (adaptive).
     energies : list of float, optional
         Energy list of the conventional stack.
+    png_dir : str, optional
+        Directory for PNG pictures written after the run closes:
+        ``<uid8>_moments.png`` (m_orb, m_spin and sds) and ``<uid8>_clusters.png``
+        (cluster map and MDS map of the pixel spectra).
     md : dict, optional
         Extra run metadata.
     """
@@ -305,7 +314,6 @@ def stxm_xmcd_stack(stxm: Readable, *, x_range: list[float], y_range: list[float
             "e_l2": dec.e_l2, "latency_ms": dec.latency_ms, "beamtime_s": state["beamtime"],
             "stop_reason": dec.reason}, "decisions")
 
-    @bpp.run_decorator(md=_md)
     def inner():
         yield from _setup_raster(stxm, x_range, y_range, pixel, nx, ny, dwell)
         reason = "conventional stack complete"
@@ -324,14 +332,21 @@ def stxm_xmcd_stack(stxm: Readable, *, x_range: list[float], y_range: list[float
         else:
             driver.update(force_refit=True)
         m = driver.model.moments()
-        yield from maps.write(_maps_row(m, driver.n_energies, state["beamtime"], reason), "maps")
+        state["maps"] = _maps_row(m, driver.n_energies, state["beamtime"], reason)
+        yield from maps.write(state["maps"], "maps")
 
-    return (yield from inner())
+    uid = yield from bpp.run_wrapper(inner(), md=_md)
+    if png_dir and uid and "maps" in state:
+        e, odp, odm, _, _ = driver.stack()
+        order = np.argsort(e, kind="stable")
+        spectra = (odp + odm)[order].reshape(len(e), -1).T
+        _save_pngs(png_dir, uid, "moments", state["maps"], float(pixel), spectra, (ny, nx))
+    return uid
 
 
 def stxm_xas_map(stxm: Readable, *, x_range: list[float], y_range: list[float], pixel: float,
                  energies: list[float], dwell: float = 0.001, polarisation: str = "linear",
-                 ion: str = "Mn2+", md: dict | None = None):
+                 ion: str = "Mn2+", png_dir: str | None = None, md: dict | None = None):
     """Energy stack at one polarisation and a per-pixel 10Dq map (non-magnetic samples).
 
     Every pixel's optical-density spectrum goes through the library 10Dq estimator
@@ -355,6 +370,10 @@ def stxm_xas_map(stxm: Readable, *, x_range: list[float], y_range: list[float], 
         EPU mode ('linear' for isotropic spectra).
     ion : str
         Ion of the library, e.g. 'Mn2+'.
+    png_dir : str, optional
+        Directory for PNG pictures written after the run closes: ``<uid8>_tendq.png``
+        (10Dq with rejected pixels, its sd, the library mask) and ``<uid8>_clusters.png``
+        (cluster map and MDS map of the pixel spectra).
     md : dict, optional
         Extra run metadata.
     """
@@ -386,7 +405,8 @@ def stxm_xas_map(stxm: Readable, *, x_range: list[float], y_range: list[float], 
            "shape": [ny, nx], "pixel_um": pixel, "ion": ion, "analysis": "tendq", "kde": False}
     _md.update(md or {})
 
-    @bpp.run_decorator(md=_md)
+    state: dict[str, Any] = {}
+
     def inner():
         yield from _setup_raster(stxm, x_range, y_range, pixel, nx, ny, dwell)
         images = []
@@ -396,6 +416,7 @@ def stxm_xas_map(stxm: Readable, *, x_range: list[float], y_range: list[float], 
         if images[0] is None:
             return
         od, _ = optical_density(np.stack(images))
+        state["spectra"] = od.reshape(e.size, -1).T
         row = {"n_described": 0, "library_id": fitter.library.library_id, "error": ""}
         try:
             res = tendq_maps(fitter, e, od)
@@ -407,6 +428,37 @@ def stxm_xas_map(stxm: Readable, *, x_range: list[float], y_range: list[float], 
             nan = np.full((ny, nx), np.nan)
             row.update(ten_dq=nan, ten_dq_sd=nan, described=np.zeros((ny, nx), np.int8),
                        score=nan, error=str(exc))
+        state["maps"] = row
         yield from maps.write(row, "maps")
 
-    return (yield from inner())
+    uid = yield from bpp.run_wrapper(inner(), md=_md)
+    if png_dir and uid and "maps" in state and not state["maps"]["error"]:
+        _save_pngs(png_dir, uid, "tendq", state["maps"], float(pixel), state["spectra"],
+                   (ny, nx))
+    return uid
+
+
+def _save_pngs(png_dir: str, uid: str, kind: str, maps: dict, pixel: float,
+               spectra: np.ndarray, shape: tuple[int, int]) -> list[str]:
+    """Write the run's map pictures; a failure is logged, never raised (the run is closed)."""
+    from ..plots.maps import save_cluster_mds_png, save_moment_maps_png, save_tendq_map_png
+
+    out = Path(png_dir)
+    paths = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if kind == "moments":
+            paths.append(save_moment_maps_png(maps, out / f"{uid[:8]}_moments.png", pixel,
+                                              title=f"run {uid[:8]}: moment maps"))
+        else:
+            paths.append(save_tendq_map_png(maps, out / f"{uid[:8]}_tendq.png", pixel,
+                                            title=f"run {uid[:8]}: 10Dq map"))
+        n_clusters = int(min(4, max(2, spectra.shape[0] // 10)))
+        paths.append(save_cluster_mds_png(spectra, shape, out / f"{uid[:8]}_clusters.png",
+                                          pixel, n_clusters=n_clusters,
+                                          title=f"run {uid[:8]}: pixel spectra")["path"])
+    except Exception:  # noqa: BLE001 - pictures are optional; the data are stored
+        logger.exception("writing map PNGs of run %s to %s failed", uid[:8], out)
+    for p in paths:
+        logger.info("wrote %s", p)
+    return paths
