@@ -6,7 +6,7 @@ is *not* Mn2+, which a 10Dq map must reject. By default that is a physical one: 
 multiplet spectrum of Mn3+ (3d4, 10Dq 1.8 eV, L3 maximum 1.5 eV above Mn2+'s as the
 valence shift), computed once and cached on disk through
 :func:`smartbeam.library_store.get_library` (~15 s the first time, instant after); its
-white-line area is 4/5 of Mn2+'s (4 instead of 5 d holes). ``foreign_ion=None`` gives
+white-line area is 6/5 of Mn2+'s (6 instead of 5 d holes). ``foreign_ion=None`` gives
 instead a made-up phase (two broad Lorentzian white lines, 1:1 branching ratio) that
 needs no edrixs run. Thickness varies smoothly; transmitted counts are Poisson with mean
 ``flux * dwell * exp(-OD)``. Same interface as :class:`sim_devices.physics.stxm.STXMSample`
