@@ -221,11 +221,13 @@ def resample(energy: np.ndarray, intensity: np.ndarray, grid: np.ndarray) -> np.
 
 def remove_background(energy: np.ndarray, intensity: np.ndarray, *, pre_edge_max: float,
                       post_edge_min: float, l3: float, l2: float,
-                      step_width: float = 1.0) -> np.ndarray:
+                      step_width: float = 1.0, window: float = 15.0) -> np.ndarray:
     """Remove a linear background and the L3/L2 edge-jump steps.
 
     The line ``a + b E`` and the step height ``h`` are fitted jointly (linear least
-    squares) to the points below ``pre_edge_max`` and above ``post_edge_min``; the step is
+    squares) to the points in ``window`` eV below ``pre_edge_max`` and above
+    ``post_edge_min`` (local: a line is no model of a background over hundreds of eV, such
+    as the power-law tail under an EELS edge); the step is
     ``h (2/3 S(l3) + 1/3 S(l2))`` with arctan steps S of width ``step_width`` eV (the 2:1
     statistical branching of 2p3/2 and 2p1/2). Fitting them together matters: the arctan
     tails reach several eV below the edge, and a line fitted to the pre-edge alone absorbs
@@ -242,11 +244,13 @@ def remove_background(energy: np.ndarray, intensity: np.ndarray, *, pre_edge_max
         Energies of the L3 and L2 edge steps.
     step_width
         Width of the arctan steps (eV).
+    window
+        Width (eV) of the pre-edge and post-edge regions used for the fit.
     """
     e = np.asarray(energy, dtype=float)
     y = np.asarray(intensity, dtype=float).copy()
-    pre = e < pre_edge_max
-    post = e > post_edge_min
+    pre = (e < pre_edge_max) & (e >= pre_edge_max - window)
+    post = (e > post_edge_min) & (e <= post_edge_min + window)
 
     def step(e0: float) -> np.ndarray:
         return 0.5 + np.arctan((e - e0) / (0.5 * step_width)) / np.pi

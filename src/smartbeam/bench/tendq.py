@@ -34,10 +34,13 @@ from ..analysis.similarity import POINTWISE_MEASURES
 from ..analysis.tendq import CONSENSUS_MEASURES, TenDqFitter, calibrate_threshold
 
 __all__ = ["add_arguments", "run", "Simulator", "calibration_scores", "calibrate", "degrade",
-           "shifted", "CONDITIONS"]
+           "shifted", "with_edge_step", "CONDITIONS", "EXTRA_CONDITIONS"]
 
 CONDITIONS = ("clean", "noise_1", "noise_5", "noise_10", "resolution_0.3", "resolution_0.5",
               "offset_1", "mismatch")
+#: Extra conditions reported beside the issue's: resolution off the searched broadening
+#: grid, and a measured-like spectrum (sloped pre-edge, 2:1 arctan edge steps).
+EXTRA_CONDITIONS = ("resolution_0.4", "edge_step")
 #: Ions used as out-of-library examples for a Mn2+ library (other ions and valences).
 OUT_OF_LIBRARY_IONS = ("Mn3+", "Mn4+", "Fe2+", "Fe3+", "Co2+", "Ni2+", "Cr3+")
 
@@ -153,6 +156,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="spectra per condition (default 30, quick 10)")
     parser.add_argument("--quantile", type=float, default=0.99,
                         help="in-library acceptance quantile for the rejection threshold")
+    parser.add_argument("--eels", default=None, metavar="FILE",
+                        help="a measured spectrum that must be rejected (its score and "
+                             "margin to the threshold are reported)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
 
@@ -202,7 +208,9 @@ def run(args: argparse.Namespace) -> dict:
     errors = {m: {c: [] for c in CONDITIONS} for m in measures}
     cons_err = {c: [] for c in CONDITIONS}
     false_rej = []
-    for cond in CONDITIONS:
+    errors.update({m: {**errors[m], **{c: [] for c in EXTRA_CONDITIONS}} for m in measures})
+    cons_err.update({c: [] for c in EXTRA_CONDITIONS})
+    for cond in CONDITIONS + EXTRA_CONDITIONS:
         for _ in tqdm(range(n_cond), desc=cond, disable=not progress):
             dq = sample_dq()
             s = mism[rng.integers(len(mism))] if cond == "mismatch" else sim
@@ -213,6 +221,8 @@ def run(args: argparse.Namespace) -> dict:
                 y = degrade(y, s.step, rng, extra_fwhm=float(cond.split("_")[1]))
             elif cond == "offset_1":
                 y = shifted(s, y, rng.uniform(-1.0, 1.0))
+            elif cond == "edge_step":
+                y = with_edge_step(s, y, dq, rng)
             r = fitter.predict(s.energy, y)
             if cond == "noise_5":
                 false_rej.append(not r.described)
@@ -243,6 +253,7 @@ def run(args: argparse.Namespace) -> dict:
 
     # Throughput on one core against the library entries.
     speeds = _throughput(fitter, sim, rng, quick)
+    eels = _eels(fitter, args.eels) if getattr(args, "eels", None) else None
     return {
         "mae_eV": {m: {c: float(np.mean(v)) for c, v in d.items()} for m, d in errors.items()},
         "consensus_mae_eV": {c: float(np.mean(v)) for c, v in cons_err.items()},
@@ -253,9 +264,44 @@ def run(args: argparse.Namespace) -> dict:
         "library_build_entries": n_build,
         "mno_0.9_estimate_eV": mno.ten_dq,
         "rejection_threshold": threshold,
+        "search": {"extra_fwhm_eV": list(fitter.extra_fwhm),
+                   "step_shifts_eV": list(fitter.step_shifts),
+                   "offset_range_eV": fitter.offset_range},
+        "eels": eels,
         "n_per_condition": n_cond,
         "quick": quick,
     }
+
+
+def with_edge_step(sim: Simulator, y: np.ndarray, ten_dq: float,
+                   rng: np.random.Generator) -> np.ndarray:
+    """A measured-like spectrum: white lines scaled to 4, a sloped pre-edge and 2:1 arctan
+    edge steps placed at a random distance (0 to -1 eV) from the L3/L2 maxima, 1 % noise."""
+    e = sim.energy
+    split = sim.lib.meta["l3_l2_split_eV"]
+    lo = e < split
+    l3, l2 = e[lo][np.argmax(y[lo])], e[~lo][np.argmax(y[~lo])]
+    d = rng.uniform(-1.0, 0.0)
+    edge = 2 / 3 * (0.5 + np.arctan((e - l3 - d) / 0.5) / np.pi) + \
+        1 / 3 * (0.5 + np.arctan((e - l2 - d) / 0.5) / np.pi)
+    y = 4.0 * y / y.max() + rng.uniform(0.1, 0.5) + rng.uniform(-0.01, 0.01) * (e - e[0]) + edge
+    return y + rng.normal(0.0, 0.01 * y.max(), size=y.shape)
+
+
+def _eels(fitter: TenDqFitter, path: str) -> dict:
+    from ..readers.spectra import read_spectrum
+
+    e, y = read_spectrum(path)
+    out = {}
+    for rng_ev in (2.0, 10.0):
+        f = TenDqFitter(measures=fitter.measures, offset_range=rng_ev,
+                        threshold=fitter.threshold, extra_fwhm=fitter.extra_fwhm,
+                        step_shifts=fitter.step_shifts).fit(fitter.library)
+        r = f.predict(e, y)
+        out[f"offset_range_{rng_ev:g}"] = {
+            "described": bool(r.described), "score": r.score, "threshold": r.threshold,
+            "score_over_threshold": r.score / r.threshold, "pearson_r": r.similarity}
+    return out
 
 
 def _raw_estimate(result, measure: str) -> float:
@@ -292,7 +338,19 @@ def _throughput(fitter: TenDqFitter, sim: Simulator, rng: np.random.Generator,
         t = time.perf_counter()
         f.dissimilarity_maps(wide)
         times.append(time.perf_counter() - t)
+    # The whole estimate (all measures, edge-step variants, refinement, score), per spectrum.
+    m_full = 20 if quick else 60
+    ys = np.stack([np.interp(sim.energy, lib.energy, s, left=0, right=0)
+                   for s in spectra[:m_full]])
+    full = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fitter.predict_many(sim.energy, ys)
+        full.append(time.perf_counter() - t)
     return {"pointwise": float(min(pointwise.values())),
             "pointwise_per_measure": pointwise,
             "offset_search": m_off / float(np.median(times)),
-            "offset_search_points": int(len(f.offsets))}
+            "offset_search_points": int(len(f.offsets)),
+            "offset_search_broadenings": len(f.extra_fwhm),
+            "library_entries": int(len(lib.ten_dq)),
+            "full_estimate_all_measures": m_full / float(np.median(full))}
