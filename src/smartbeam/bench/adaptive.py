@@ -31,6 +31,10 @@ __all__ = ["add_arguments", "run"]
 STRATEGY_NAMES = ("uniform", "expert_grid", "max_variance", "bluesky_adaptive_scan", "gpcam",
                   "smartbeam")
 REL_TOL = 0.03
+#: The issue's worst-decile criterion: m_orb within 5 %.
+REL_TOL_WORST = 0.05
+#: N bins of the decision-latency curve.
+LATENCY_BINS = ((0, 50), (50, 100), (100, 200), (200, 500), (500, 1000), (1000, 2000))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--equal-dwell", type=int, default=0, metavar="N",
                         help="also compare smartbeam (N points) with a 201-point dense scan "
                              "of the same total dwell, on the first truth (0: skip)")
+    parser.add_argument("--latency-points", type=int, default=2000, metavar="N",
+                        help="budget of the decision-latency curve, sync and background "
+                             "refits (2000; --quick: 300; 0: skip)")
+    parser.add_argument("--point-time", type=float, default=0.05, metavar="S",
+                        help="simulated measurement time per point in the latency curve "
+                             "(s; a real XMCD point takes >= 2 x dwell + moves)")
     parser.add_argument("--json", action="store_true", help="print JSON only (CLI)")
 
 
@@ -193,8 +203,10 @@ def _one(task: dict) -> dict:
             if all(ok[i:]):
                 need = n
                 break
+        ok5 = [abs(err[n]) <= REL_TOL_WORST for n in ns]
+        need5 = next((n for i, n in enumerate(ns) if all(ok5[i:])), None)
         ref = need if need is not None else ns[-1]
-        rec = {"points": need,
+        rec = {"points": need, "points_5pct": need5,
                "m_orb_rel_err": {str(n): float(err[n]) for n in ns},
                "m_spin_rel_err_at_points": float(abs(est_at[ref]["m_spin"] / true["m_spin"] - 1)),
                "covered": [bool(abs(est_at[n]["m_orb"] - true["m_orb"]) <= est_at[n]["m_orb_sd"])
@@ -327,6 +339,54 @@ def _equal_dwell_one(task: dict) -> dict:
     return {k: (v[0] / true["m_orb"] - 1, v[1] / true["m_spin"] - 1) for k, v in out.items()}
 
 
+def _latency_curve(task: dict) -> dict:
+    """Decision latency against N for one long Fe scan (one BLAS thread).
+
+    ``sync``: refits inline (the decision that refits pays for it). ``background``:
+    refits in a thread while the scan goes on; ``point_time`` seconds of simulated
+    measurement separate the decisions, as counting and moves do in a real scan.
+    """
+    from threadpoolctl import threadpool_limits
+
+    from sim_devices.physics.xmcd import XMCDSample, preset
+    from smartbeam.analysis.acquisition import AdaptiveXMCD, StoppingRule
+
+    truth = preset("Fe")
+    sample = XMCDSample(truth)
+    rng = np.random.default_rng([task["seed"], 20])
+    sync, pause = task["mode"] == "sync", task["point_time"]
+    rows = []
+    with threadpool_limits(1):
+        sc = AdaptiveXMCD(*truth.window, truth.n_h, edges=_hint(truth), sync_refits=sync,
+                          stopping=StoppingRule(rtol=1e-12, max_points=task["max_points"]))
+        for e in sc.initial_design():
+            sc.tell(e, *_measure(sample, e, rng, 1.0))
+            if not sync:
+                time.sleep(pause)
+        cur = None
+        while True:
+            d = sc.ask(cur)
+            rows.append((d.n_points, d.latency_ms, bool(d.refit)))
+            if d.stop:
+                break
+            cur = d.energy
+            if not sync:
+                time.sleep(pause)
+            sc.tell(cur, *_measure(sample, cur, rng, 1.0))
+        sc.close()
+    arr = np.array(rows, float)
+    out = {}
+    for lo, hi in LATENCY_BINS:
+        m = (arr[:, 0] > lo) & (arr[:, 0] <= hi)
+        if m.any():
+            lat = arr[m, 1]
+            out[f"N<={hi}"] = {"median": float(np.median(lat)),
+                               "p95": float(np.percentile(lat, 95)),
+                               "max": float(lat.max()), "decisions": int(m.sum()),
+                               "refits": int(arr[m, 2].sum())}
+    return {"mode": task["mode"], "bins": out}
+
+
 def _gpcam_available() -> tuple[bool, str]:
     try:
         import gpcam  # noqa: F401
@@ -348,7 +408,17 @@ def _summarise(records: list[dict], strategy: str, dwell: float) -> dict:
         return None if not np.isfinite(v) else int(v)
 
     cov = [c for r in recs for c in r["covered"]]
+    pts5 = np.array([np.inf if r.get("points_5pct") is None else r["points_5pct"]
+                     for r in recs], float)
+    # Worst decile at the median budget: |m_orb error| of the 90th-percentile seed at
+    # N = points_median (the issue asks for it within 5 %).
+    n_med = q(pts, 50)
+    worst = None
+    if n_med is not None and all(str(n_med) in r["m_orb_rel_err"] for r in recs):
+        worst = float(np.percentile([abs(r["m_orb_rel_err"][str(n_med)]) for r in recs], 90))
     out = {"points_median": q(pts, 50), "points_p90": q(pts, 90),
+           "points_p90_within_5pct": q(pts5, 90),
+           "m_orb_abs_rel_err_p90_at_points_median": worst,
            "m_spin_rel_err_median": float(np.median([r["m_spin_rel_err_at_points"]
                                                       for r in recs])),
            "coverage_68": float(np.mean(cov)) if cov else None,
@@ -424,6 +494,15 @@ def run(args: argparse.Namespace) -> dict:
                         "m_orb_abs_rel_err_p90": float(np.percentile(errs[:, 0], 90)),
                         "m_orb_rms_rel_err": float(np.sqrt(np.mean(errs[:, 0] ** 2))),
                         "m_spin_abs_rel_err_median": float(np.median(errs[:, 1]))}
+    curves = {}
+    n_curve = min(args.latency_points, 300) if args.quick else args.latency_points
+    if n_curve:
+        # One at a time: the background mode needs the second core for its refit thread.
+        with ProcessPoolExecutor(max_workers=1) as pool:
+            for mode in tqdm(("sync", "background"), desc="latency curve", file=sys.stderr):
+                curves[mode] = pool.submit(_latency_curve, dict(
+                    mode=mode, seed=0, max_points=n_curve,
+                    point_time=args.point_time)).result()["bins"]
     pairs = [x for r in records for x in r["strategies"].get("smartbeam", {})
              .get("latency_ms", [])]
     lat = np.array([x[0] for x in pairs])
@@ -431,20 +510,34 @@ def run(args: argparse.Namespace) -> dict:
 
     def pct(x, p):
         return float(np.percentile(x, p)) if x.size else None
+    bg = curves.get("background", {})
+    bg200 = [bg[k] for k in ("N<=50", "N<=100", "N<=200") if k in bg]
     return {
         "cases": result_cases,
-        "latency_ms": {"median": pct(lat, 50), "p95": pct(lat, 95),
-                       "max": float(lat.max()) if lat.size else None,
-                       "max_points": args.max_points, "blas_threads": 1,
-                       "without_refit": {"median": pct(lat[~refit], 50),
-                                         "p95": pct(lat[~refit], 95), "n": int((~refit).sum())},
-                       "with_refit": {"median": pct(lat[refit], 50),
-                                      "p95": pct(lat[refit], 95), "n": int(refit.sum())},
-                       "note": "wall clock inside AdaptiveXMCD.ask (update + moments + "
-                               "acquisition); refits run inline on the critical path"},
+        "latency_ms": {
+            # Headline: the plan's default (background refits), N <= 200; p95/max are
+            # the worst over the three bins (not pooled), median the N<=200 bin's.
+            "median": bg200[-1]["median"] if bg200 else None,
+            "p95": max(b["p95"] for b in bg200) if bg200 else None,
+            "max": max(b["max"] for b in bg200) if bg200 else None,
+            "max_points": 200 if bg200 else None, "mode": "background refits",
+            "blas_threads": 1, "point_time_s": args.point_time,
+            "curve": curves,
+            "sync_accuracy_runs": {
+                "median": pct(lat, 50), "p95": pct(lat, 95),
+                "max": float(lat.max()) if lat.size else None, "max_points": args.max_points,
+                "without_refit": {"median": pct(lat[~refit], 50),
+                                  "p95": pct(lat[~refit], 95), "n": int((~refit).sum())},
+                "with_refit": {"median": pct(lat[refit], 50),
+                               "p95": pct(lat[refit], 95), "n": int(refit.sum())}},
+            "note": "wall clock inside AdaptiveXMCD.ask (update + moments + acquisition). "
+                    "The accuracy runs use sync_refits=True (reproducible; refits inline). "
+                    "The curve runs one Fe scan per mode to the latency budget; background "
+                    "mode sleeps point_time_s between decisions as a measurement would."},
         "equal_dwell": equal,
         "settings": {"seeds": args.seeds, "max_points": args.max_points, "dwell_s": args.dwell,
-                     "rel_tol_judged": REL_TOL, "smartbeam_stop_rtol": args.tol,
+                     "rel_tol_judged": REL_TOL, "rel_tol_worst_decile": REL_TOL_WORST,
+                     "smartbeam_stop_rtol": args.tol, "smartbeam_refits": "sync (inline)",
                      "noise": "Poisson, flux 3e6/s x dwell: ~0.1 % of the edge jump per point",
                      "gpcam": gp_msg,
                      "bluesky_adaptive_scan": "faithful re-implementation of the bluesky 1.15 "
