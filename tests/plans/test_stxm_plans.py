@@ -13,12 +13,20 @@ from smartbeam.storage import read_stream
 FIELD = {"x_range": [0.0, 0.42], "y_range": [0.0, 0.30], "pixel": 0.06}
 
 
-def test_adaptive_stack_writes_decisions_and_maps(beamline_devices, storage, RE):
+def test_adaptive_stack_writes_decisions_and_maps(beamline_devices, storage, RE, tmp_path):
     stxm = beamline_devices["stxm"]
     RE.subscribe(storage.writer())
     (uid,) = RE(stxm_xmcd_stack(stxm, **FIELD, e_min=695.0, e_max=735.0, tol=0.5,
                                 max_energies=16, n_init=8, dwell=0.002,
-                                edges=[707.8, 720.8]), sample="Fe domains")
+                                edges=[707.8, 720.8], png_dir=str(tmp_path)),
+                sample="Fe domains")
+    # Pictures of the maps, named after the run, written after it closed.
+    import matplotlib.image as mpimg
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{uid[:8]}_clusters.png",
+                                                          f"{uid[:8]}_moments.png"]
+    assert mpimg.imread(tmp_path / f"{uid[:8]}_moments.png").shape[:2] == (720, 800)
+    assert mpimg.imread(tmp_path / f"{uid[:8]}_clusters.png").shape[:2] == (360, 800)
     run = storage.runs[uid]
     assert {"primary", "decisions", "maps"} <= set(run)
     start = run.metadata["start"]
