@@ -7,8 +7,10 @@
   stationary kernel in ``u`` has a short length scale at the edges and a long one in
   between; the warp strength ``a`` is chosen by marginal likelihood at each refit;
 - known, per-point (heteroscedastic) counting noise;
-- hyperparameter refits with scikit-learn (L-BFGS on the log marginal likelihood),
-  and cheap conditioning on new data with fixed hyperparameters (one Cholesky).
+- hyperparameter refits with scikit-learn (L-BFGS on the log marginal likelihood, on at
+  most ``max_fit_points`` points), and cheap conditioning on new data with fixed
+  hyperparameters: one new Cholesky row and a rank-1 update of the grid posterior per
+  point, so a decision costs O(N^2 + N G + G^2) instead of O(N^3 + N^2 G).
 
 :class:`XMCDGP` models s = mu+ + mu- and d = mu+ - mu- with two independent WarpedGPs
 (their noises are independent when both helicities are counted alike) and turns the

@@ -3,8 +3,9 @@
 Both plans measure mu+ and mu- (``circ+`` and ``circ-``) at each energy and write, in
 the same run, the raw ``primary`` readings, a ``moments`` stream with the sum-rule
 result and (adaptive scan) a ``decisions`` stream with every choice the GP made. The GP
-loop runs inside the plan, between moves; one decision takes milliseconds (refits up to
-a few hundred), so the RunEngine is never blocked for long.
+loop runs inside the plan, between moves; a decision adds the new point to the GP
+incrementally (milliseconds) and hyperparameter refits run in a background thread
+(``sync_refits=False``), so the RunEngine is never blocked for long.
 """
 
 from __future__ import annotations
