@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``smartbeam bench stxm``."""
     parser.add_argument("--quick", action="store_true", help="reduced run")
     parser.add_argument("--seed", type=int, default=2024, help="seed of the counting noise")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="noise seeds of the adaptive-vs-conventional comparison "
+                             "(default 5, quick 3); the headline figures are medians")
     parser.add_argument("--size", type=int, default=None, help="domain field NxN (default 64)")
     parser.add_argument("--n-conv", type=int, default=None,
                         help="energies of the conventional stack (default 101, quick 61)")
@@ -122,8 +125,20 @@ def _tendq_part(n: int, rng: np.random.Generator, dwell: float) -> dict:
     interior = ndimage.minimum_filter(sample.regions, 3) == ndimage.maximum_filter(
         sample.regions, 3)
     sel = mn2 & interior & maps["described"]
+    foreign = ~mn2
     return {"tendq_map_rmse_eV": _rmse(maps["ten_dq"][sel], truth[sel]),
             "rejection_accuracy": float(np.mean(maps["described"] == mn2)),
+            "foreign_phase": sample.foreign_ion or "made-up Lorentzian",
+            "foreign_pixels": int(foreign.sum()),
+            "foreign_rejected_fraction": (float(np.mean(~maps["described"][foreign]))
+                                          if foreign.any() else None),
+            "mn2_described_fraction": float(np.mean(maps["described"][mn2])),
+            "rejection_threshold": fitter.threshold,
+            "score_median": {"mn2": float(np.median(maps["score"][mn2])),
+                             "foreign": (float(np.median(maps["score"][foreign]))
+                                         if foreign.any() else None)},
+            "score_separable": (bool(maps["score"][foreign].min() > maps["score"][mn2].max())
+                                if foreign.any() else None),
             "tendq_pixels": int(n * n), "tendq_pixels_per_s": n * n / dt,
             "tendq_counts_per_pixel_dwell": float(sample.flux * dwell),
             "spectra": (e, od.reshape(e.size, -1).T)}
@@ -172,7 +187,28 @@ def run(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(args.seed)
     n = args.size or 64
     n_conv = args.n_conv or (61 if quick else 101)
-    out = _moments_part(n, n_conv, args.dwell, rng)
+    repeats = args.repeats or (3 if quick else 5)
+    # The energy count at which one adaptive run first matches the conventional error is
+    # a noisy figure (seed to seed it ranged 15-55 of 61): report the median over seeds.
+    runs = [_moments_part(n, n_conv, args.dwell, np.random.default_rng(args.seed + i))
+            for i in tqdm(range(repeats), desc="noise seeds", leave=False)]
+    out = dict(runs[0])
+    per_seed = [{"seed": args.seed + i, "energies_adaptive": r["energies_adaptive"],
+                 "beamtime_ratio": r["beamtime_ratio"], "m_orb_map_rmse": r["m_orb_map_rmse"]}
+                for i, r in enumerate(runs)]
+    # A run that never matched counts as the whole budget (conservative for the median).
+    counts = [r["energies_adaptive"] if r["energies_adaptive"] is not None else n_conv
+              for r in runs]
+    ratios = [r["beamtime_ratio"] if r["beamtime_ratio"] is not None else 1.0 for r in runs]
+    out["energies_adaptive"] = int(np.median(counts))
+    out["beamtime_ratio"] = float(np.median(ratios))
+    out["m_orb_map_rmse"] = {
+        "adaptive": float(np.median([r["m_orb_map_rmse"]["adaptive"] for r in runs])),
+        "conventional": float(np.median([r["m_orb_map_rmse"]["conventional"] for r in runs]))}
+    out["energy_fraction_per_seed"] = [c / n_conv for c in counts]
+    out["per_seed"] = per_seed
+    out["adaptive_history"] = runs[0]["adaptive_history"]
+    rng = np.random.default_rng(args.seed + repeats)
     tq = _tendq_part(12 if quick else 32, rng, dwell=0.005)
     e, spectra = tq.pop("spectra")
     px_moments, t_moments = _moments_throughput(rng)
