@@ -1,0 +1,472 @@
+"""Fault handling: suspend a plan while an IOC is gone or frozen; flag bad detector frames.
+
+IOC faults
+    :class:`IOCSuspender` is a bluesky suspender that watches every EPICS signal of a
+    device. It trips when any PV disconnects (the IOC process died: immediate) or when a
+    probe PV stops answering reads (the IOC is frozen or the network stalls: within
+    ``period + timeout``), and releases when all PVs are connected and the probe answers
+    again. The RunEngine then rewinds to the plan's last checkpoint and repeats the
+    interrupted point; with ``restore=True`` the device's configuration (dwell, acquire
+    time, shutter, field, ...) is first written back, since a restarted IOC comes up with
+    its defaults. The suspension's justification names the PVs. Plans keep their Python
+    state (a GP, a KDE) across a suspension: the generator is not restarted.
+
+Bad detector frames
+    :func:`check_frame` applies the rules below to one frame; :class:`FrameQualityMonitor`
+    applies them to a run and writes a ``frame_quality`` stream (one row per frame) into
+    it. Raw frames are always written unchanged. Rules, in order:
+
+    ``wrong_shape``
+        Not 2-D, or a shape different from the first frame of the run: rejected.
+    ``bad_values``
+        Any NaN, inf or negative count: rejected (counts are non-negative integers).
+    ``repeated``
+        The detector's frame counter did not advance, or (without a counter) the frame is
+        bit-identical to the previous one and holds at least ``min_repeat_counts`` counts
+        (two independent Poisson frames of that many counts are practically never equal):
+        rejected, since counting it twice would double its counts and understate noise.
+    ``dropped``
+        The counter advanced by more than one: the frame itself is accepted, the
+        ``n_dropped`` missing frames are reported (their counts are lost; rates stay
+        right because exposure is summed over received frames only).
+    ``ok``
+        Accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from bluesky.suspenders import SuspenderBase
+from event_model import unpack_event_page
+
+from .callbacks.derived import DerivedStreamRouter, DocumentCallback
+from .errors import SmartbeamInputError
+
+__all__ = [
+    "FRAME_FLAGS",
+    "FrameQualityMonitor",
+    "FrameVerdict",
+    "IOCSuspender",
+    "check_frame",
+    "install_ioc_suspenders",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _epics_signals(device) -> list:
+    """Every signal of ``device`` (or the signal itself) that talks to a PV."""
+    if hasattr(device, "walk_signals"):
+        items = [w.item for w in device.walk_signals(include_lazy=True)]
+    else:
+        items = [device]
+    return [s for s in items if hasattr(s, "pvname")]
+
+
+class IOCSuspender(SuspenderBase):
+    """Suspend the RunEngine while an IOC behind ``device`` is disconnected or frozen.
+
+    Parameters
+    ----------
+    device
+        An ophyd device (or signal) with EPICS signals.
+    probe
+        Signal read every ``period`` seconds to detect a frozen IOC; default: the first
+        read-only PV of the device (a readback or counter).
+    period
+        Seconds between probe reads.
+    timeout
+        Seconds a probe read may take before the IOC counts as stalled.
+    sleep
+        Seconds to wait after the IOC is back before resuming.
+    restore
+        On resume, write back the configuration values last read while healthy.
+    tripped_message
+        Extra text for the suspension's justification.
+
+    Notes
+    -----
+    Install with ``RE.install_suspender(suspender)`` or :func:`install_ioc_suspenders`.
+    The plan needs checkpoints (``bps.checkpoint()`` before each point; ``count`` and
+    ``scan`` have them) to repeat only the interrupted point.
+    """
+
+    def __init__(self, device, *, probe=None, period: float = 0.5, timeout: float = 1.0,
+                 sleep: float = 0.5, restore: bool = True, tripped_message: str = "") -> None:
+        signals = _epics_signals(device)
+        if not signals:
+            raise SmartbeamInputError(f"{getattr(device, 'name', device)!r} has no EPICS "
+                                      "signals: expected an ophyd EPICS device")
+        if not (period > 0 and timeout > 0 and sleep >= 0):
+            raise SmartbeamInputError(f"period={period!r}, timeout={timeout!r}, sleep={sleep!r}:"
+                                      " expected period > 0, timeout > 0, sleep >= 0")
+        if probe is None:
+            probe = next((s for s in signals if not hasattr(s, "put") or
+                          type(s).__name__.endswith("RO")), signals[0])
+        self.device = device
+        self.signals = signals
+        self.probe = probe
+        self.period = float(period)
+        self.timeout = float(timeout)
+        self.restore = restore
+        self._disconnected: set[str] = set()
+        self._stalled = ""
+        self._in_fault = False
+        self._snapshot: dict = {}
+        self._stop = threading.Event()
+        self._poke = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.trips: list[str] = []
+        super().__init__(probe, sleep=sleep, tripped_message=tripped_message,
+                         post_plan=self._restore_plan if restore else None)
+
+    def __repr__(self) -> str:
+        # the base repr shows post_plan, a bound method whose repr is this repr: recursion
+        return (f"IOCSuspender({getattr(self.device, 'name', '?')!r}, period={self.period}, "
+                f"timeout={self.timeout}, sleep={self._sleep}, restore={self.restore})")
+
+    # -- watching ----------------------------------------------------------------------
+    def install(self, RE, *, event_type=None) -> None:
+        """Watch connections and start the probe thread (called by ``RE.install_suspender``)."""
+        with self._lock:
+            self.RE = RE
+        for sig in self.signals:
+            sig.subscribe(self._on_meta, event_type=sig.SUB_META, run=True)
+        self._take_snapshot()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, daemon=True,
+                                        name=f"IOCSuspender-{getattr(self.device, 'name', '')}")
+        self._thread.start()
+
+    def remove(self) -> None:
+        """Stop watching (called by ``RE.remove_suspender``)."""
+        self._stop.set()
+        for sig in self.signals:
+            sig.clear_sub(self._on_meta)
+        if self._thread is not None:
+            self._thread.join(self.period + self.timeout + 1.0)
+        super().remove()
+
+    def _on_meta(self, *args, obj=None, connected=None, **kwargs) -> None:
+        if obj is None or connected is None:
+            return
+        if connected:
+            self._disconnected.discard(obj.pvname)
+        else:
+            self._disconnected.add(obj.pvname)
+        # evaluated in the watchdog thread: asking the RunEngine to suspend from libca's
+        # callback thread can dead-lock with a CA call in progress on the RunEngine's loop
+        self._poke.set()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self._poke.wait(self.period)
+            self._poke.clear()
+            if self._stop.is_set():
+                return
+            if self._disconnected:
+                self._evaluate()  # no probe: a disconnected read would only add a timeout
+                continue
+            try:
+                self.probe.get(use_monitor=False, timeout=self.timeout,
+                               connection_timeout=self.timeout)
+                stalled = ""
+            except Exception as exc:  # any failure to read means the IOC does not answer
+                stalled = (f"{self.probe.pvname} did not answer within {self.timeout:g} s "
+                           f"({type(exc).__name__})")
+            self._stalled = stalled
+            if not stalled and not self._disconnected and not self.tripped:
+                self._take_snapshot()
+            self._evaluate()
+
+    def _take_snapshot(self) -> None:
+        if not self.restore or not hasattr(self.device, "read_configuration"):
+            return
+        snap = {}
+        for attr in getattr(self.device, "configuration_attrs", []):
+            sig = getattr(self.device, attr, None)
+            if sig is None or not hasattr(sig, "pvname") or not hasattr(sig, "put") or \
+                    getattr(sig, "write_access", True) is False:
+                continue
+            try:
+                snap[sig] = sig.get(timeout=self.timeout, connection_timeout=self.timeout)
+            except Exception:
+                return  # keep the previous complete snapshot
+        self._snapshot = snap
+
+    def _evaluate(self) -> None:
+        faulty = bool(self._disconnected) or bool(self._stalled)
+        try:
+            self(faulty)
+        except RuntimeError as exc:  # RunEngine loop busy: asked again next period
+            logger.debug("suspension request deferred: %s", exc)
+            return
+        if faulty and not self._in_fault:
+            self._in_fault = True
+            reason = self._reason()
+            self.trips.append(reason)
+            logger.warning("IOC fault, suspending: %s", reason)
+        elif not faulty and self._in_fault:
+            self._in_fault = False
+            logger.warning("IOC %s is back; resuming", getattr(self.device, "name", "?"))
+
+    def _should_suspend(self, value) -> bool:
+        return bool(value)
+
+    def _should_resume(self, value) -> bool:
+        return not value
+
+    def _reason(self) -> str:
+        parts = []
+        if self._disconnected:
+            pvs = sorted(self._disconnected)
+            shown = ", ".join(pvs[:4]) + (f" and {len(pvs) - 4} more" if len(pvs) > 4 else "")
+            parts.append(f"PV(s) disconnected: {shown}")
+        if self._stalled:
+            parts.append(self._stalled)
+        return "; ".join(parts)
+
+    def _get_justification(self) -> str:
+        if not self.tripped:
+            return ""
+        name = getattr(self.device, "name", "?")
+        text = f"IOC of {name!r} faulty: {self._reason() or 'recovering'}"
+        return ": ".join(s for s in (text, self._tripped_message) if s)
+
+    def _restore_plan(self):
+        """Write the healthy configuration back (a restarted IOC has its defaults)."""
+        from bluesky import plan_stubs as bps
+
+        args: list[Any] = []
+        for sig, value in self._snapshot.items():
+            args.extend([sig, value])
+        if args:
+            logger.warning("restoring configuration of %s: %s",
+                           getattr(self.device, "name", "?"),
+                           {s.name: v for s, v in self._snapshot.items()})
+            yield from bps.mv(*args)
+        else:
+            yield from bps.null()
+
+
+def install_ioc_suspenders(RE, devices: Iterable, **kwargs) -> list[IOCSuspender]:
+    """Install one :class:`IOCSuspender` per device on ``RE``.
+
+    Parameters
+    ----------
+    RE
+        The RunEngine.
+    devices
+        ophyd EPICS devices (devices without EPICS signals, e.g. in-process twins, are
+        skipped).
+    **kwargs
+        Passed to :class:`IOCSuspender` (``period``, ``timeout``, ``sleep``, ``restore``).
+
+    Returns
+    -------
+    list of IOCSuspender
+        The installed suspenders (``RE.remove_suspender(s)`` to remove one).
+    """
+    installed = []
+    for device in devices:
+        if not _epics_signals(device):
+            continue
+        suspender = IOCSuspender(device, **kwargs)
+        RE.install_suspender(suspender)
+        installed.append(suspender)
+    return installed
+
+
+# -- bad detector frames -------------------------------------------------------------------
+
+FRAME_FLAGS = ("ok", "wrong_shape", "bad_values", "repeated", "dropped")
+
+
+@dataclass(frozen=True)
+class FrameVerdict:
+    """Outcome of :func:`check_frame` for one frame.
+
+    Attributes
+    ----------
+    flag
+        One of :data:`FRAME_FLAGS`.
+    accepted
+        Whether the frame may be used (``ok`` and ``dropped`` frames are).
+    n_dropped
+        Frames missing before this one (counter gap - 1).
+    detail
+        Human-readable reason, empty for ``ok``.
+    """
+
+    flag: str
+    accepted: bool
+    n_dropped: int = 0
+    detail: str = ""
+
+
+def _digest(a: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).digest()
+
+
+def check_frame(frame: Any, *, shape: tuple[int, ...] | None = None,
+                counter: int | None = None, previous_counter: int | None = None,
+                previous_digest: bytes | None = None,
+                min_repeat_counts: float = 10.0) -> tuple[FrameVerdict, bytes | None]:
+    """Apply the frame rules of this module to one frame.
+
+    Parameters
+    ----------
+    frame
+        The frame as read (anything array-like).
+    shape
+        Expected shape (the run's first frame); ``None`` accepts any 2-D shape.
+    counter, previous_counter
+        The detector's frame counter now and at the previous frame, if it has one.
+    previous_digest
+        Digest of the previous accepted frame (second return value of the previous call).
+    min_repeat_counts
+        Without a counter, an identical frame is a repeat only with at least this many
+        counts (empty frames of a closed shutter are legitimately identical).
+
+    Returns
+    -------
+    (FrameVerdict, bytes or None)
+        The verdict and the digest to pass as ``previous_digest`` next time.
+    """
+    try:
+        a = np.asarray(frame)
+    except Exception as exc:  # ragged or otherwise not an array
+        return FrameVerdict("wrong_shape", False, detail=f"not an array ({exc})"), previous_digest
+    if a.ndim != 2 or (shape is not None and a.shape != tuple(shape)) or \
+            a.dtype.kind not in "iufb":
+        want = f"{tuple(shape)}" if shape is not None else "a 2-D frame"
+        return (FrameVerdict("wrong_shape", False,
+                             detail=f"shape {a.shape} dtype {a.dtype}: expected {want}"),
+                previous_digest)
+    if a.dtype.kind == "f":
+        n_bad = int(np.count_nonzero(~np.isfinite(a) | (a < 0)))
+    else:
+        n_bad = int(np.count_nonzero(a < 0)) if a.dtype.kind == "i" else 0
+    if n_bad:
+        return (FrameVerdict("bad_values", False,
+                             detail=f"{n_bad} pixel(s) NaN, inf or negative: expected counts >= 0"),
+                previous_digest)
+    digest = _digest(a)
+    if counter is not None and previous_counter is not None:
+        step = int(counter) - int(previous_counter)
+        if step <= 0:
+            return (FrameVerdict("repeated", False,
+                                 detail=f"frame counter {counter} did not advance from "
+                                        f"{previous_counter}"), previous_digest)
+        if step > 1:
+            return (FrameVerdict("dropped", True, n_dropped=step - 1,
+                                 detail=f"frame counter jumped {previous_counter} -> {counter}: "
+                                        f"{step - 1} frame(s) missing"), digest)
+        return FrameVerdict("ok", True), digest
+    if previous_digest is not None and digest == previous_digest and \
+            float(a.sum(dtype=np.float64)) >= min_repeat_counts:
+        return (FrameVerdict("repeated", False,
+                             detail="frame identical to the previous one"), previous_digest)
+    return FrameVerdict("ok", True), digest
+
+
+class FrameQualityMonitor(DerivedStreamRouter):
+    """Check every frame of a run and write a ``frame_quality`` stream into it.
+
+    One row per frame of ``source_stream``: ``seq_num``, ``flag`` (see the module rules),
+    ``accepted``, ``n_dropped``, ``counter`` (-1 without one), ``detail`` and the running
+    totals ``n_rejected`` and ``n_missing``. Raw documents are forwarded unchanged.
+
+    Parameters
+    ----------
+    downstream
+        Next consumer (LiveKDE, the Tiled writer, ...).
+    image_key
+        Data key of the frames; default: the first 2-D array key of the stream.
+    counter_key
+        Data key of the frame counter; default: a key ending in ``array_counter``, if any.
+    source_stream
+        Stream holding the frames.
+    stream_name
+        Name of the derived stream.
+    min_repeat_counts
+        See :func:`check_frame`.
+    """
+
+    def __init__(self, downstream: DocumentCallback | None = None, *,
+                 image_key: str | None = None, counter_key: str | None = None,
+                 source_stream: str = "primary", stream_name: str = "frame_quality",
+                 min_repeat_counts: float = 10.0) -> None:
+        super().__init__(downstream)
+        self.image_key = image_key
+        self.counter_key = counter_key
+        self.source_stream = source_stream
+        self.stream_name = stream_name
+        self.min_repeat_counts = float(min_repeat_counts)
+        self.counts: dict[str, int] = {}
+
+    def start(self, doc):
+        self._desc: dict[str, tuple[str, str | None]] = {}
+        self._shape: tuple[int, ...] | None = None
+        self._prev_counter: int | None = None
+        self._prev_digest: bytes | None = None
+        self.counts = dict.fromkeys(FRAME_FLAGS, 0)
+        self._missing = 0
+        return doc
+
+    def descriptor(self, doc):
+        if doc.get("name") != self.source_stream:
+            return doc
+        keys = doc["data_keys"]
+        ikey = self.image_key or next(
+            (k for k, v in keys.items()
+             if v.get("dtype") == "array" and len(v.get("shape") or []) == 2), None)
+        if ikey is None or ikey not in keys:
+            return doc
+        ckey = self.counter_key or next((k for k in keys if k.endswith("array_counter")), None)
+        self._desc[doc["uid"]] = (ikey, ckey if ckey in keys else None)
+        if self._shape is None and keys[ikey].get("shape"):
+            self._shape = tuple(int(n) for n in keys[ikey]["shape"])
+        return doc
+
+    def event(self, doc):
+        if doc["descriptor"] not in self._desc:
+            return doc
+        ikey, ckey = self._desc[doc["descriptor"]]
+        counter = doc["data"].get(ckey) if ckey else None
+        counter = int(counter) if counter is not None and np.isfinite(counter) else None
+        verdict, digest = check_frame(doc["data"].get(ikey), shape=self._shape,
+                                      counter=counter, previous_counter=self._prev_counter,
+                                      previous_digest=self._prev_digest,
+                                      min_repeat_counts=self.min_repeat_counts)
+        if verdict.accepted:
+            self._prev_digest = digest
+            if counter is not None:
+                self._prev_counter = counter
+        self.counts[verdict.flag] += 1
+        self._missing += verdict.n_dropped
+        if verdict.flag != "ok":
+            logger.warning("frame %s of %s: %s (%s)", doc.get("seq_num"), ikey, verdict.flag,
+                           verdict.detail)
+        rejected = sum(v for k, v in self.counts.items() if k not in ("ok", "dropped"))
+        self.emit(self.stream_name, {
+            "seq_num": np.int64(doc.get("seq_num", -1)), "flag": verdict.flag,
+            "accepted": bool(verdict.accepted), "n_dropped": np.int64(verdict.n_dropped),
+            "counter": np.int64(-1 if counter is None else counter), "detail": verdict.detail,
+            "n_rejected": np.int64(rejected), "n_missing": np.int64(self._missing)})
+        return doc
+
+    def event_page(self, doc):
+        for ev in unpack_event_page(doc):
+            self.event(ev)
+        return doc
+
+    def __repr__(self) -> str:
+        return f"FrameQualityMonitor(stream={self.stream_name!r}, counts={self.counts})"
