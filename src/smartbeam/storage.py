@@ -56,6 +56,9 @@ def default_data_dir() -> Path:
     return Path(user_data_dir("smartbeam")) / "tiled"
 
 
+_PROCESS_API_KEY = secrets.token_hex(16)
+
+
 def _stable_api_key(data_dir: Path) -> str:
     """The embedded server's API key, kept in the data dir so other processes can reuse it."""
     key_file = data_dir / "api_key"
@@ -115,7 +118,10 @@ class Storage:
             from tiled.server import SimpleTiledServer
 
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            self.server = SimpleTiledServer(self.data_dir, api_key=_stable_api_key(self.data_dir))
+            # One key for every embedded server of this process: Tiled keeps the
+            # single-user key in process-wide settings, so a second server with another
+            # key locks the first one's clients out (401).
+            self.server = SimpleTiledServer(self.data_dir, api_key=_PROCESS_API_KEY)
             # The server thread is not a daemon and the interpreter joins such threads
             # *before* atexit handlers run: register the close where it runs first.
             threading._register_atexit(self.close)
