@@ -258,3 +258,32 @@ def test_background_refits_are_adopted_and_never_waited_for():
     m = decisions[-1].moments
     assert abs(m["m_orb"] - true["m_orb"]) < 5 * m["m_orb_sd"]
     assert m["m_spin"] == pytest.approx(true["m_spin"], rel=0.05)
+
+
+def test_failed_background_refit_keeps_previous_hyperparameters(caplog, monkeypatch):
+    rng = np.random.default_rng(10)
+    with threadpool_limits(1):
+        sc = AdaptiveXMCD(*FE.window, FE.n_h, edges=(FE.e_l3, FE.e_l2), sync_refits=False,
+                          stopping=StoppingRule(rtol=1e-9, max_points=30))
+        for e in sc.initial_design():
+            mp, mm, vp, vm = measure(e, rng)
+            sc.tell(e, mp[0], mm[0], vp[0], vm[0])
+        d = sc.ask()  # first fit (waited for); it starts the next refit at once
+        sc.close()
+        d = sc.ask(d.energy)  # ... which lands here
+        assert d.refit
+        before = sc.model.hyperparameters()
+
+        class Broken:
+            def fit(self, *args, **kwargs):
+                raise FloatingPointError("refit blew up")
+
+        monkeypatch.setattr(XMCDGP, "spawn", lambda self: Broken())  # refits now fail
+        for _ in range(4):
+            mp, mm, vp, vm = measure(d.energy, rng)
+            sc.tell(d.energy, mp[0], mm[0], vp[0], vm[0])
+            sc.close()
+            d = sc.ask(d.energy)
+    assert "refit failed" in caplog.text
+    assert sc.model.hyperparameters() == before
+    assert np.isfinite(d.moments["m_orb_sd"]) and sc.n_points == 16

@@ -8,6 +8,7 @@ is the plain baseline of Ueno et al. 2018 (largest predictive variance, stationa
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from .sumrules import trapezoid_weights
 
 __all__ = ["AdaptiveSpectrum", "AdaptiveXMCD", "CostModel", "Decision", "SPECTRUM_TARGETS",
            "STRATEGIES", "StoppingRule"]
+
+logger = logging.getLogger(__name__)
 
 STRATEGIES = ("smartbeam", "max_variance")
 #: Targets of :class:`AdaptiveSpectrum` (a callable returning grid weights also works).
@@ -151,13 +154,23 @@ class _BackgroundRefit:
         self.thread.start()
 
     def take(self, wait: bool) -> Any:
+        """The finished refit's model, or None (still running, none, or failed).
+
+        A failed refit is logged and the previous hyperparameters stay in use; only
+        when the caller waits (the first fit: there is nothing to fall back on) is
+        its exception re-raised.
+        """
         t = self.thread
         if t is None or (t.is_alive() and not wait):
             return None
         t.join()
         self.thread, result, self.result = None, self.result, None
         if isinstance(result, BaseException):
-            raise result
+            if wait:
+                raise result
+            logger.warning("background GP refit failed, keeping the previous "
+                           "hyperparameters: %r", result)
+            return None
         return result
 
     def join(self, timeout: float | None = None) -> None:
