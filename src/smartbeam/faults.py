@@ -448,8 +448,9 @@ class FrameQualityMonitor(DerivedStreamRouter):
                                       min_repeat_counts=self.min_repeat_counts)
         if verdict.accepted:
             self._prev_digest = digest
-            if counter is not None:
-                self._prev_counter = counter
+        if counter is not None and verdict.flag != "repeated":
+            # a rejected frame still arrived: only a gap in the counter means frames are missing
+            self._prev_counter = counter
         self.counts[verdict.flag] += 1
         self._missing += verdict.n_dropped
         if verdict.flag != "ok":

@@ -101,7 +101,13 @@ class LiveKDE(DerivedStreamRouter):
     cross-validated chi^2-MSE ratio raw / smoothed measured on the thinned *half* of the
     counts; it is a difference of noisy sums and usually falls with counts, so treat
     ``raw_equivalent_exposures`` as indicative (it tends to overstate), not calibrated.
+
+    ``rows`` keeps every row written, but only the last ``KEEP_MAPS`` keep their
+    ``smoothed`` and ``variance`` maps (``None`` in older rows; every map is in the
+    stream): memory stays bounded in long counts.
     """
+
+    KEEP_MAPS = 8
 
     def __init__(self, mask: np.ndarray | None = None,
                  beam_centre: tuple[float, float] | None = None, *,
@@ -328,7 +334,7 @@ class LiveKDE(DerivedStreamRouter):
             return
         self.last = res
         row = self._row(res)
-        self.rows.append(row)
+        self._keep(row)
         self.emit(self.stream_name, row, dims=self._dims(),
                   units={"exposure_s": "s", "predicted_time_s": "s"})
         if self.live_plot:
@@ -337,8 +343,16 @@ class LiveKDE(DerivedStreamRouter):
     def _flag(self, message: str) -> None:
         self._record_error(message)
         row = self._row(None, error=message)
-        self.rows.append(row)
+        self._keep(row)
         self.emit(self.stream_name, row, dims=self._dims())
+
+    def _keep(self, row: dict) -> None:
+        """Keep the row; rows older than the last ``KEEP_MAPS`` drop their frame-sized maps
+        so that a run of any length holds bounded memory (a 10-hour count has thousands)."""
+        self.rows.append(row)
+        if len(self.rows) > self.KEEP_MAPS:
+            old = self.rows[-self.KEEP_MAPS - 1]
+            old["smoothed"] = old["variance"] = None
 
     # -- view ------------------------------------------------------------------------------
     def _draw(self) -> None:
