@@ -20,6 +20,11 @@ from smartbeam.session import make_run_engine, open_storage  # noqa: E402
 
 RE = make_run_engine()
 store = open_storage()
+# Journal of every run until Tiled has all of it: if the store goes away mid-run the run
+# is kept there and `smartbeam replay DIR` puts it in later (see smartbeam.storage).
+os.environ.setdefault("SMARTBEAM_BACKUP_DIR",
+                      str(store.data_dir) + "-journal" if store.data_dir else
+                      os.path.expanduser("~/.smartbeam-journal"))
 bec = BestEffortCallback()
 # Derived streams are not for live plots, and a headless session (the queueserver worker)
 # draws none: replotting on every event made an adaptive XMCD scan ~200x slower.

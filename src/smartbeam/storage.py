@@ -173,7 +173,7 @@ class Storage:
         batch_size
             Events per request; small enough that events appear during the run.
         backup_directory
-            Journal directory: with it, every document of a run is also appended to
+            Journal directory (default ``$SMARTBEAM_BACKUP_DIR``, none if unset): with it, every document of a run is also appended to
             ``<backup_directory>/<uid>.jsonl.inprogress`` (numpy arrays kept exactly);
             the journal is deleted when Tiled took the whole run and kept as
             ``<uid>.jsonl`` when a write failed. ``smartbeam replay`` puts kept journals
@@ -186,6 +186,8 @@ class Storage:
             around one when ``backup_directory`` is given.
         """
         tiled_writer = self._tiled_writer(batch_size)
+        if backup_directory is None:
+            backup_directory = os.environ.get("SMARTBEAM_BACKUP_DIR") or None
         if backup_directory is None:
             return tiled_writer
         return JournaledWriter(tiled_writer, backup_directory)
