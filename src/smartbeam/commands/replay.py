@@ -32,6 +32,11 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise SmartbeamInputError(f"--batch-size {args.batch_size}: expected an integer >= 1")
+    from pathlib import Path
+
+    if not Path(args.directory).expanduser().is_dir():  # before starting a server for nothing
+        raise SmartbeamInputError(f"backup directory {args.directory!r} does not exist; "
+                                  "expected the directory given as backup_directory")
     with Storage(args.data_dir, uri=args.uri, api_key=args.api_key) as store:
         report = store.replay(args.directory, batch_size=args.batch_size)
         location = store.location
