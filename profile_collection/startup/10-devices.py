@@ -6,3 +6,9 @@ xmcd = _devices.get("xmcd")
 stxm = _devices.get("stxm")
 sans_det = _devices.get("sans")
 xas = _devices.get("xas")
+
+# Pause a plan when an instrument's IOC disconnects or stops answering, resume (settings
+# restored) when it is back.
+from smartbeam.faults import install_ioc_suspenders
+
+ioc_suspenders = install_ioc_suspenders(RE, [d for d in _devices.values() if d is not None])

@@ -23,6 +23,8 @@ from event_model import DocumentRouter, compose_descriptor
 logger = logging.getLogger(__name__)
 
 DocumentCallback = Callable[[str, dict], Any]
+# Error messages kept per run (all are logged; ``n_errors`` counts them all).
+MAX_KEPT_ERRORS = 100
 
 
 def data_key_for(value: Any, source: str = "smartbeam", dims: tuple[str, ...] | None = None,
@@ -95,6 +97,7 @@ class DerivedStreamRouter(DocumentRouter):
         self._bundles: dict[str, Any] = {}
         self._data_keys: dict[str, dict] = {}
         self.errors: list[str] = []
+        self.n_errors = 0
 
     # -- document flow -------------------------------------------------------------
     def __call__(self, name: str, doc: dict, validate: bool = False):
@@ -105,6 +108,7 @@ class DerivedStreamRouter(DocumentRouter):
             self._bundles = {}
             self._data_keys = {}
             self.errors = []
+            self.n_errors = 0
         if name == "stop":
             # Derived rows must reach the writer before the stop closes the run.
             self._analyse(name, doc, validate)
@@ -120,7 +124,15 @@ class DerivedStreamRouter(DocumentRouter):
         try:
             super().__call__(name, doc, validate=validate)
         except Exception as exc:  # analysis never kills the scan
-            self._record_error(f"{type(self).__name__}.{name}: {exc!r}")
+            message = f"{type(self).__name__}.{name}: {exc!r}"
+            if not self._bundles:
+                self._record_error(message)
+            # Make the failure visible in the run too, in every stream already opened.
+            for stream in list(self._bundles):
+                try:
+                    self.emit_error(stream, message)
+                except Exception as emit_exc:
+                    self._record_error(f"{message}; writing the error row failed: {emit_exc!r}")
 
     def _forward(self, name: str, doc: dict) -> None:
         if self.downstream is not None:
@@ -145,7 +157,10 @@ class DerivedStreamRouter(DocumentRouter):
 
     def _record_error(self, message: str) -> None:
         logger.error("derived-stream analysis failed: %s", message)
-        self.errors.append(message)
+        self.n_errors += 1
+        # Bounded: a long count with a bad detector must not grow memory without limit.
+        if len(self.errors) < MAX_KEPT_ERRORS:
+            self.errors.append(message)
 
     # -- emitting derived streams ------------------------------------------------
     def emit(self, stream: str, data: dict[str, Any], *, dims: dict[str, tuple[str, ...]] | None = None,

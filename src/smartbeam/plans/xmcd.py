@@ -70,6 +70,8 @@ def _mu_from(reading: dict, endstation) -> tuple[float, float]:
 
 def _measure_pair(endstation, energy, order):
     """Move, then count both helicities in ``order``; one re-measure on NaN."""
+    # A suspension (IOC lost) rewinds to here: the pair is measured again, whole.
+    yield from bps.checkpoint()
     yield from bps.mv(endstation.energy, energy)
     out = {}
     for mode in order:
