@@ -115,10 +115,10 @@ def queued_runs(services):
                       n_init=10, dwell=0.1, md={"sample": f"{TAG}-Fe"}))
     RM.item_add(BPlan("sans_kde_count", "sans_det", exposure=0.5, max_exposures=10, cadence=5,
                       target_rel_error=1e-6, md={"sample": f"{TAG}-silica"}))
-    queued = {"xmcd_adaptive_scan", "sans_kde_count"}
-    if "xas_tendq_scan" in existing:
-        RM.item_add(BPlan("xas_tendq_scan", "xmcd", md={"sample": f"{TAG}-Mn"}))
-        queued.add("xas_tendq_scan")
+    # The "xas" endstation twin holds Mn2+ at 10Dq = 0.9 eV (monochromator 0.4 eV off).
+    RM.item_add(BPlan("xas_tendq_scan", "xas", 630.0, 663.0, num=111, dwell=0.2,
+                      md={"sample": f"{TAG}-Mn"}))
+    queued = {"xmcd_adaptive_scan", "sans_kde_count", "xas_tendq_scan"}
     history = _run_queue(RM, log)
     done = {h["name"]: h["result"] for h in history}
     for name in queued:
@@ -147,20 +147,21 @@ def test_runs_found_by_metadata_query_with_derived_streams(services, queued_runs
     assert len(decisions["decision_n_points"]) >= 1
     (sans,) = find_runs(runs, plan_name="sans_kde_count", sample=f"{TAG}-silica")
     assert sans.metadata["stop"]["num_events"]["primary"] == 10
-    if "kde" in sans:
-        assert len(next(iter(read_stream(sans, "kde").values()))) >= 1
+    kde = read_stream(sans, "kde", keys=["n_exposures", "error"])
+    assert kde["n_exposures"][-1] == 10 and kde["error"][-1] == ""
     # Both were started by the queue's user.
     assert xmcd.metadata["start"]["scan_id"] != sans.metadata["start"]["scan_id"]
 
 
 def test_xas_tendq_run(services, queued_runs):
-    if "xas_tendq_scan" not in queued_runs["queued"]:
-        pytest.skip("xas_tendq_scan is not in smartbeam.plans yet (10Dq plan not merged): "
-                    "the XAS+10Dq queue item was not run")
-    from smartbeam.storage import find_runs
+    from smartbeam.storage import find_runs, read_stream
 
     (run,) = find_runs(_fresh_runs(services), plan_name="xas_tendq_scan", sample=f"{TAG}-Mn")
-    assert len(set(run) - {"primary"}) >= 1, sorted(run)
+    analysis = read_stream(run, "analysis", keys=["ten_dq", "offset", "described", "error"])
+    assert analysis["error"][-1] == ""
+    assert bool(analysis["described"][-1])
+    assert abs(analysis["ten_dq"][-1] - 0.9) < 0.05
+    assert abs(analysis["offset"][-1] - 0.4) < 0.1
 
 
 def test_bad_argument_is_rejected_when_added(services, queued_runs):
