@@ -16,7 +16,7 @@ from smartbeam.errors import SmartbeamInputError
 from smartbeam.library_store import load_packaged_library
 from smartbeam.readers.spectra import read_spectrum
 
-# shared/data sits beside the clone (<repo>/../shared/data); never the holdout folder.
+# shared/data sits beside the clone (<repo>/../shared/data); only the development frames and spectra.
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 EELS = str(DATA / "eels_hyperspy" / "hyperspy_Mn_O_coreloss_spectrum.msa")
 needs_eels = pytest.mark.skipif(not Path(EELS).is_file(),
