@@ -47,7 +47,7 @@ def services(tmp_path_factory):
     with RedisServer() as redis, TiledServe(tmp / "tiled", key) as tiled:
         env = _profile_env(tmp)
         env.update(SMARTBEAM_TILED_URI=tiled.uri, TILED_API_KEY=key,
-                   SMARTBEAM_PNG_DIR=str(tmp / "png"))
+                   SMARTBEAM_PNG_DIR=str(tmp))
         manager = ReManager(redis.url, STARTUP, env=env, log_path=tmp / "manager.log",
                             extra_args=["--existing-plans-devices", str(tmp / PLAN_LIST.name),
                                         "--user-group-permissions", str(PERMISSIONS)])
