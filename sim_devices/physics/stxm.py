@@ -16,7 +16,19 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["STXMSample"]
+__all__ = ["STXMSample", "raster_pixel_index"]
+
+
+def raster_pixel_index(x_um: np.ndarray, y_um: np.ndarray, pixel_um: float,
+                       shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel (row, column) of stage positions in µm on a field of ``shape`` pixels.
+
+    Pixel k spans [k, k+1) pixel sizes; the small epsilon keeps rasters at exact
+    multiples of the pixel size (0.09 / 0.03 = 2.9999...) on the intended pixel.
+    """
+    col = np.clip(np.floor(np.asarray(x_um) / pixel_um + 1e-6).astype(int), 0, shape[1] - 1)
+    row = np.clip(np.floor(np.asarray(y_um) / pixel_um + 1e-6).astype(int), 0, shape[0] - 1)
+    return row, col
 
 
 @dataclass
@@ -90,14 +102,8 @@ class STXMSample:
         return self.flux * dwell * np.exp(-self.optical_density_map(energy, helicity))
 
     def pixel_index(self, x_um: np.ndarray, y_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest pixel (row, column) of stage positions in µm (clipped to the field)."""
-        # Pixel k spans [k, k+1) pixel sizes; the small epsilon keeps rasters at exact
-        # multiples of the pixel size (0.09 / 0.03 = 2.9999...) on the intended pixel.
-        col = np.clip(np.floor(np.asarray(x_um) / self.pixel_um + 1e-6).astype(int), 0,
-                      self.shape[1] - 1)
-        row = np.clip(np.floor(np.asarray(y_um) / self.pixel_um + 1e-6).astype(int), 0,
-                      self.shape[0] - 1)
-        return row, col
+        """Pixel (row, column) of stage positions in µm (clipped to the field)."""
+        return raster_pixel_index(x_um, y_um, self.pixel_um, self.shape)
 
     def image(self, energy: float, helicity: int, dwell: float, x_um: np.ndarray,
               y_um: np.ndarray, rng: np.random.Generator) -> np.ndarray:

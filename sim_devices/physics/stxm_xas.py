@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from .stxm import raster_pixel_index
+
 __all__ = ["STXMXASSample"]
 
 FOREIGN = -1
@@ -132,13 +134,8 @@ class STXMXASSample:
         return self.optical_density / 4.0 * self.thickness * out
 
     def pixel_index(self, x_um: np.ndarray, y_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest pixel (row, column) of stage positions in µm (clipped to the field)."""
-        # As STXMSample: the epsilon keeps rasters at exact pixel multiples on their pixel.
-        col = np.clip(np.floor(np.asarray(x_um) / self.pixel_um + 1e-6).astype(int), 0,
-                      self.shape[1] - 1)
-        row = np.clip(np.floor(np.asarray(y_um) / self.pixel_um + 1e-6).astype(int), 0,
-                      self.shape[0] - 1)
-        return row, col
+        """Pixel (row, column) of stage positions in µm (clipped to the field)."""
+        return raster_pixel_index(x_um, y_um, self.pixel_um, self.shape)
 
     def image(self, energy: float, helicity: int, dwell: float, x_um: np.ndarray,
               y_um: np.ndarray, rng: np.random.Generator) -> np.ndarray:
