@@ -13,7 +13,7 @@ import os
 from caproto import ChannelType
 from caproto.server import PVGroup, pvproperty
 
-__all__ = ["AxisGroup", "PolarisationGroup", "axis_group", "set_ca_port"]
+__all__ = ["AxisGroup", "PolarisationGroup", "axis_group", "set_ca_port", "set_positive"]
 
 POLARISATION_MODES = ("circ+", "circ-", "linear")
 HELICITY = {"circ+": 1, "circ-": -1, "linear": 0}
@@ -23,6 +23,15 @@ def set_ca_port(port: int) -> None:
     """Serve CA on ``port`` (UDP search and TCP), on loopback unless told otherwise."""
     os.environ["EPICS_CA_SERVER_PORT"] = str(int(port))
     os.environ.setdefault("EPICS_CAS_INTF_ADDR_LIST", "127.0.0.1")
+
+
+async def set_positive(readback, value: float, what: str) -> float:
+    """Put handler body of a positive setting (dwell, exposure): refuse <= 0, mirror it
+    to the readback PV."""
+    if not value > 0:
+        raise ValueError(f"{what} must be > 0 s, got {value}")
+    await readback.write(value)
+    return value
 
 
 class AxisGroup(PVGroup):

@@ -8,7 +8,7 @@ import numpy as np
 from caproto import ChannelType
 from caproto.server import PVGroup, pvproperty
 
-from .common import time_scale
+from .common import set_positive, time_scale
 
 __all__ = ["SANSDetectorIOC", "sans_ioc_class"]
 
@@ -42,10 +42,7 @@ class SANSDetectorIOC(PVGroup):
 
     @acquire_time_sp.putter
     async def acquire_time_sp(self, instance, value):
-        if not value > 0:
-            raise ValueError(f"acquire time must be > 0 s, got {value}")
-        await self.acquire_time_rbv.write(value)
-        return value
+        return await set_positive(self.acquire_time_rbv, value, "acquire time")
 
     @shutter_sp.putter
     async def shutter_sp(self, instance, value):

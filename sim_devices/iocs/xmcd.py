@@ -8,7 +8,7 @@ import math
 import numpy as np
 from caproto.server import PVGroup, SubGroup, pvproperty
 
-from .common import PolarisationGroup, axis_group, time_scale
+from .common import PolarisationGroup, axis_group, set_positive, time_scale
 
 __all__ = ["XMCDEndstationIOC"]
 
@@ -48,10 +48,7 @@ class XMCDEndstationIOC(PVGroup):
 
     @dwell_sp.putter
     async def dwell_sp(self, instance, value):
-        if not value > 0:
-            raise ValueError(f"dwell must be > 0 s, got {value}")
-        await self.dwell_rbv.write(value)
-        return value
+        return await set_positive(self.dwell_rbv, value, "dwell")
 
     @acquire.putter
     async def acquire(self, instance, value):
