@@ -141,7 +141,7 @@ def test_streaming_predictor_and_accumulator():
     (np.full((64, 64), np.inf), "finite"),
     (-np.ones((64, 64)), ">= 0"),
 ])
-def test_bad_frames_rejected_and_sum_kept(bad, match):
+def test_bad_frames_rejected_and_sum_kept(bad, match, add_path):
     acc = FrameAccumulator()
     acc.add(np.ones((64, 64), np.int32))
     with pytest.raises(SmartbeamInputError, match=match):
@@ -170,13 +170,53 @@ def test_fast_thinning_is_binomial_half():
         assert abs(a.var() / (count / 4) - 1) < 0.05
 
 
-def test_accumulator_spills_before_int32_overflow(monkeypatch):
+@pytest.fixture(params=["fused", "numpy"])
+def add_path(request, monkeypatch):
+    """Run a test on the numba check-and-add path and on the numpy fallback."""
+    from smartbeam.analysis import kde_stream
+
+    if request.param == "numpy":
+        monkeypatch.setattr(kde_stream, "_fused", False)
+    elif kde_stream._fused_add() is None:
+        pytest.skip("numba not installed")
+    return request.param
+
+
+def test_accumulator_spills_before_int32_overflow(monkeypatch, add_path):
     from smartbeam.analysis import kde_stream
 
     monkeypatch.setattr(kde_stream, "_INT32_MAX", 100)
     acc = FrameAccumulator()
     frame = np.full((8, 8), 30, np.int32)
+    frame[3, 4] = 7
     for _ in range(10):
         acc.add(frame)
-    assert acc.total.dtype == np.int64 and np.all(acc.total == 300)
-    assert acc._bound <= 100
+    assert acc.total.dtype == np.int64 and np.array_equal(acc.total, 10 * frame.astype(np.int64))
+    assert acc._sum.max() <= 100  # the int32 part never went past the limit
+    big = np.full((8, 8), 150, np.int64)  # beyond the limit on its own
+    acc.add(big)
+    assert np.array_equal(acc.total, 10 * frame + 150)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32, np.uint32,
+                                   np.int64, np.float64])
+def test_accumulator_sums_every_dtype(dtype, add_path):
+    rng = np.random.default_rng(3)
+    frames = [rng.poisson(3.0, (16, 24)).astype(dtype) for _ in range(5)]
+    acc = FrameAccumulator()
+    for f in frames:
+        acc.add(f)
+    np.testing.assert_array_equal(acc.total, np.sum(frames, axis=0))
+    assert acc.n_frames == 5
+
+
+def test_negative_pixel_late_in_frame_leaves_sum_unchanged(add_path):
+    acc = FrameAccumulator()
+    acc.add(np.full((32, 32), 2, np.int32))
+    bad = np.full((32, 32), 5, np.int32)
+    bad[30, 17] = -1  # after most pixels were already added on the fused path
+    with pytest.raises(SmartbeamInputError, match=r"\[30, 17\].*-1.*>= 0"):
+        acc.add(bad)
+    assert acc.n_frames == 1 and np.all(acc.total == 2)
+    acc.add(np.ones((32, 32), np.uint16))
+    assert np.all(acc.total == 3)
