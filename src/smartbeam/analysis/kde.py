@@ -19,10 +19,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.fft as sfft
 
 from smartbeam.errors import SmartbeamInputError
 
-from .kde_filters import IsoFilter, PolarGrid, masked_gaussian, ring_gaussian
+from .kde_filters import (
+    IsoFilter,
+    PolarGrid,
+    gaussian_kernel_1d,
+    masked_gaussian,
+    ring_gaussian,
+)
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -127,6 +134,18 @@ def validate_frame(frame: np.ndarray, shape: tuple[int, int] | None = None,
     return a
 
 
+@dataclass
+class _Region:
+    """Where one distinct kernel of a per-band list applies (cached by the geometry)."""
+
+    sel_full: np.ndarray  # bool (ny, nx): the pixels of its bands
+    box: tuple[tuple[int, int], tuple[int, int]]  # bounding box ((y0, y1), (x0, x1))
+    sel_box: np.ndarray  # sel_full within the box
+    rows: tuple[int, int]  # polar rows (1-px radial cells) of its bands
+    flat_sel: np.ndarray  # flat pixel indices of sel_full
+    cell_of_sel: np.ndarray  # polar cell of each of those pixels
+
+
 class Geometry:
     """Detector geometry shared by smoothing, products and selection.
 
@@ -185,6 +204,7 @@ class Geometry:
         self._score_index: dict[int, np.ndarray] = {}
         self._scratch: dict[int, np.ndarray] = {}
         self._mask_weight: dict[float, np.ndarray] = {}
+        self._regions: dict[tuple, list] = {}
 
     def iso_filter(self, sigma: float) -> IsoFilter:
         """Isotropic float32 filter with its mask normalisation (cached per ``sigma``)."""
@@ -192,6 +212,37 @@ class Geometry:
         if sigma not in self._iso:
             self._iso[sigma] = IsoFilter(self.mask, sigma)
         return self._iso[sigma]
+
+    def kernel_regions(self, kernels: Sequence[Kernel]) -> list[tuple[Kernel, _Region]]:
+        """Each distinct kernel of a per-band list with the region it serves (cached).
+
+        The cache keeps the last few kernel lists: between emits of a live run the
+        selected kernels rarely change.
+        """
+        key = tuple(kernels)
+        if key not in self._regions:
+            distinct = list(dict.fromkeys(kernels))
+            lut = np.array([distinct.index(k) for k in kernels] + [-1], np.int16)
+            which = lut[self.band]
+            regs = []
+            for j, kern in enumerate(distinct):
+                sel = which == j
+                rows_any = np.flatnonzero(sel.any(axis=1))
+                cols_any = np.flatnonzero(sel.any(axis=0))
+                if rows_any.size == 0:
+                    continue
+                box = ((int(rows_any[0]), int(rows_any[-1]) + 1),
+                       (int(cols_any[0]), int(cols_any[-1]) + 1))
+                flat = np.flatnonzero(sel)
+                cell = self.polar.cell.ravel()[flat]
+                rb = cell // self.polar.n_phi
+                regs.append((kern, _Region(sel, box, sel[box[0][0]:box[0][1],
+                                                         box[1][0]:box[1][1]],
+                                           (int(rb.min()), int(rb.max()) + 1), flat, cell)))
+            if len(self._regions) >= 4:
+                self._regions.pop(next(iter(self._regions)))
+            self._regions[key] = regs
+        return self._regions[key]
 
     def score_index(self, max_pixels: int | None) -> np.ndarray:
         """Sorted flat indices of the valid pixels scored by the cross-validation.
@@ -622,6 +673,10 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
     def band_sum(values: np.ndarray) -> np.ndarray:
         return np.bincount(band_of, weights=values, minlength=n_bands)
 
+    scored_cells = polar.cell.ravel()[idx] if idx is not None else None
+    # ring candidates grouped by sigma_ring (see ring_done below); scores keep their rows
+    order = sorted(range(len(candidates)),
+                   key=lambda c: (candidates[c].kind != "ring", candidates[c].sigma_ring))
     for _ in range(n_splits):
         halves = thin(x, rng)
         h32 = [geometry.masked32(h, slot=2 + j) for j, h in enumerate(halves)]
@@ -630,7 +685,12 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         noise = np.where(ok, 0.5 * (raw[0] + raw[1]) / nb_safe, 0.0)
         chi2_noise += band_sum(noise * weight)
         cells: list[np.ndarray | None] = [None, None]
-        for c, kern in enumerate(candidates):
+        # ring kernels: one FFT along the ring per half, one inverse per sigma_ring, shared
+        # by every sigma_q (the candidates come grouped by sigma_ring, so one is kept)
+        spectra: list[np.ndarray | None] = [None, None]
+        ring_done: dict[tuple[int, float], np.ndarray] = {}
+        for c in order:
+            kern = candidates[c]
             est = []
             for j in (0, 1):
                 if kern.kind == "iso":
@@ -640,11 +700,23 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
                 else:
                     if cells[j] is None:
                         cells[j] = polar.to_cells(h32[j])
-                    cell_val = polar.filter_cells(cells[j], kern.sigma_q, kern.sigma_ring)
-                    cell_val *= polar.inv_den(kern.sigma_q, kern.sigma_ring)
-                    # only the scored pixels are read back from the polar cells
-                    pj = (cell_val.ravel()[polar.cell.ravel()[idx]] if idx is not None
-                          else profile(polar.to_pixels(cell_val)))
+                    key = (j, kern.sigma_ring)
+                    if key not in ring_done:
+                        ring_done = {k: v for k, v in ring_done.items()
+                                     if k[1] == kern.sigma_ring}
+                        if kern.sigma_ring > 0:
+                            if spectra[j] is None:
+                                spectra[j] = sfft.rfft(cells[j], axis=1)
+                            ring_done[key] = polar.filter_ring(spectra[j], kern.sigma_ring)
+                        else:
+                            ring_done[key] = cells[j]
+                    cell_val = polar.filter_q(ring_done[key], kern.sigma_q)
+                    inv = polar.inv_den(kern.sigma_q, kern.sigma_ring)
+                    if idx is not None:
+                        # only the scored pixels are read back from the polar cells
+                        pj = cell_val.ravel()[scored_cells] * inv.ravel()[scored_cells]
+                    else:
+                        pj = profile(polar.to_pixels(cell_val * inv))
                 est.append(np.where(ok, pj.astype(np.float64), 0.0))
             # two-fold CV: each smoothed half scored against the other raw half
             err = 0.5 * ((est[0] - raw[1]) ** 2 + (est[1] - raw[0]) ** 2)
@@ -776,34 +848,85 @@ def apply_kernels(counts: np.ndarray, geometry: Geometry, kernels: Sequence[Kern
     if len(kernels) != geometry.n_bands:
         raise SmartbeamInputError(f"{len(kernels)} kernels given: expected one per band "
                                   f"({geometry.n_bands})")
-    distinct = list(dict.fromkeys(kernels))
-    # which distinct kernel serves each pixel; -1 outside the mask
-    lut = np.array([distinct.index(k) for k in kernels] + [-1], np.int16)
-    which = lut[geometry.band] if len(distinct) > 1 else None
-    out = var = None
-    masked = geometry.masked32(counts, slot=0) if backend == "cv2" else None
-    for j, kern in enumerate(distinct):
-        if backend == "cv2" and kern.kind == "iso" and kern.sigma_q > 0:
-            f = geometry.iso_filter(kern.sigma_q)
-            sm = f.apply(masked)
-            v = f.variance(geometry.masked32(np.maximum(sm, 0.0), slot=1)) if variance \
-                else None
-        elif backend == "cv2" and kern.kind == "iso":
-            sm = masked.copy()
-            v = sm.copy() if variance else None
+    if backend != "cv2":
+        return _apply_kernels_reference(counts, geometry, kernels, backend, variance)
+    out = np.zeros(geometry.shape, np.float32)
+    var = np.zeros(geometry.shape, np.float32) if variance else None
+    masked = geometry.masked32(counts, slot=0)
+    cells = None
+    for kern, reg in geometry.kernel_regions(kernels):
+        if kern.kind == "iso" and kern.sigma_q <= 0:
+            np.copyto(out, masked, where=reg.sel_full)
+            if variance:
+                np.copyto(var, masked, where=reg.sel_full)
+        elif kern.kind == "iso":
+            _apply_iso_region(geometry.iso_filter(kern.sigma_q), masked, reg, out, var)
         else:
-            sm, _ = smooth(counts, geometry, kern, backend=backend)
-            v = smooth(counts, geometry, kern, density=np.maximum(sm, 0.0),
-                       backend=backend)[1] if variance else None
-        if which is None:
-            out, var = sm, v
-            break
-        if out is None:
-            out = np.zeros(geometry.shape, sm.dtype)
-            var = np.zeros(geometry.shape, sm.dtype) if variance else None
+            if cells is None:
+                cells = geometry.polar.to_cells(masked)
+            _apply_ring_region(geometry.polar, cells, kern, reg, out, var)
+    return out, var
+
+
+def _apply_iso_region(f: IsoFilter, masked: np.ndarray, reg: _Region, out: np.ndarray,
+                      var: np.ndarray | None) -> None:
+    """Smooth only the bounding box of the bands served by ``f`` (+ kernel radius).
+
+    The kernel is truncated at ``radius``, so a pixel depends only on inputs within it:
+    the result in the box is exactly the full-frame result. The variance needs the
+    estimate itself (its Poisson density) one radius further out.
+    """
+    ny, nx = masked.shape
+    rad = f.radius
+    pad = 2 * rad if var is not None else rad
+    (y0, y1), (x0, x1) = reg.box
+    ys = slice(max(y0 - pad, 0), min(y1 + pad, ny))
+    xs = slice(max(x0 - pad, 0), min(x1 + pad, nx))
+    inner = (slice(y0 - ys.start, y1 - ys.start), slice(x0 - xs.start, x1 - xs.start))
+    sm = f.apply_window(masked, ys, xs)
+    box = (slice(y0, y1), slice(x0, x1))
+    np.copyto(out[box], sm[inner], where=reg.sel_box)
+    if var is not None:
+        v = f.variance_window(np.maximum(sm, 0.0, out=sm), ys, xs)
+        np.copyto(var[box], v[inner], where=reg.sel_box)
+
+
+def _apply_ring_region(polar: PolarGrid, cells: np.ndarray, kern: Kernel, reg: _Region,
+                       out: np.ndarray, var: np.ndarray | None) -> None:
+    """Ring kernel on the polar rows (radii) of its bands only (+ the q-kernel radius).
+
+    Rows are filtered independently along the ring, and the q kernel is truncated, so the
+    rows of the bands get exactly the full-grid result.
+    """
+    rad = (gaussian_kernel_1d(kern.sigma_q).size // 2) if kern.sigma_q > 0 else 0
+    pad = 2 * rad if var is not None else rad
+    r0, r1 = reg.rows
+    a, b = max(r0 - pad, 0), min(r1 + pad, polar.n_r)
+    inv = polar.inv_den(kern.sigma_q, kern.sigma_ring)[a:b]
+    val = polar.filter_cells(cells[a:b], kern.sigma_q, kern.sigma_ring, first_row=a) * inv
+    local = reg.cell_of_sel - a * polar.n_phi
+    out.ravel()[reg.flat_sel] = val.ravel()[local]
+    if var is not None:
+        # the density of each cell: the estimate times the valid pixels in it
+        dens = np.maximum(val, 0.0) * polar.n_cell[a:b]
+        v = polar.filter_cells(dens, kern.sigma_q, kern.sigma_ring, squared=True,
+                               first_row=a) * inv * inv
+        var.ravel()[reg.flat_sel] = v.ravel()[local]
+
+
+def _apply_kernels_reference(counts, geometry, kernels, backend, variance):
+    """Full-frame reference path of :func:`apply_kernels` (scipy backend)."""
+    distinct = list(dict.fromkeys(kernels))
+    lut = np.array([distinct.index(k) for k in kernels] + [-1], np.int16)
+    which = lut[geometry.band]
+    out = np.zeros(geometry.shape)
+    var = np.zeros(geometry.shape) if variance else None
+    for j, kern in enumerate(distinct):
+        sm, _ = smooth(counts, geometry, kern, backend=backend)
         sel = which == j
         np.copyto(out, sm, where=sel)
         if variance:
+            v = smooth(counts, geometry, kern, density=np.maximum(sm, 0.0), backend=backend)[1]
             np.copyto(var, v, where=sel)
     return out, var
 

@@ -79,12 +79,26 @@ class IsoFilter:
         self.inv_den = np.zeros(mask.shape, np.float32)
         np.divide(1.0, den, out=self.inv_den, where=ok)
         self._inv_den2: np.ndarray | None = None
+        self.radius = self.k.size // 2
 
     def apply(self, masked: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Smoothed estimate of float32 counts that are zero outside the mask."""
         num = cv2.sepFilter2D(masked, -1, self.k, self.k, dst=out,
                               borderType=cv2.BORDER_CONSTANT)
         return np.multiply(num, self.inv_den, out=num)
+
+    def apply_window(self, masked: np.ndarray, ys: slice, xs: slice) -> np.ndarray:
+        """:meth:`apply` on the window ``masked[ys, xs]`` (exact ``radius`` px inside it)."""
+        num = cv2.sepFilter2D(masked[ys, xs], -1, self.k, self.k,
+                              borderType=cv2.BORDER_CONSTANT)
+        return np.multiply(num, self.inv_den[ys, xs], out=num)
+
+    def variance_window(self, density: np.ndarray, ys: slice, xs: slice) -> np.ndarray:
+        """:meth:`variance` of a density given on the window ``[ys, xs]`` only."""
+        if self._inv_den2 is None:
+            self._inv_den2 = self.inv_den * self.inv_den
+        v = cv2.sepFilter2D(density, -1, self.k2, self.k2, borderType=cv2.BORDER_CONSTANT)
+        return np.multiply(v, self._inv_den2[ys, xs], out=v)
 
     def variance(self, masked_density: np.ndarray) -> np.ndarray:
         """Poisson variance ``sum_j w_j^2 mu_j / (sum_j w_j)^2`` of the smoothed value."""
@@ -211,18 +225,34 @@ class PolarGrid:
         return self._cache[key]
 
     def filter_cells(self, cells: np.ndarray, sigma_q: float, sigma_ring: float,
-                     squared: bool = False) -> np.ndarray:
-        """Gaussian along the ring (periodic, FFT) then along q (1-D convolution), float32."""
+                     squared: bool = False, first_row: int = 0) -> np.ndarray:
+        """Gaussian along the ring (periodic, FFT) then along q (1-D convolution), float32.
+
+        ``cells`` may be the rows ``first_row:first_row + len(cells)`` of the grid only.
+        """
         out = cells
         if sigma_ring > 0:
-            out = sfft.irfft(sfft.rfft(out, axis=1) * self.phi_transfer(sigma_ring, squared),
-                             n=self.n_phi, axis=1)
-        if sigma_q > 0:
-            k = gaussian_kernel_1d(sigma_q).astype(np.float32)
-            k = k * k if squared else k
-            out = cv2.filter2D(np.ascontiguousarray(out, np.float32), -1, k[:, None],
-                               borderType=cv2.BORDER_CONSTANT)
-        return out
+            out = self.filter_ring(sfft.rfft(out, axis=1), sigma_ring, squared, first_row)
+        return self.filter_q(out, sigma_q, squared)
+
+    def filter_ring(self, spectrum: np.ndarray, sigma_ring: float, squared: bool = False,
+                    first_row: int = 0) -> np.ndarray:
+        """Ring Gaussian applied to ``scipy.fft.rfft(cells, axis=1)`` (reusable across kernels).
+
+        ``spectrum`` may hold the rows from ``first_row`` on only (the ring kernel in
+        cells depends on the radius of the row).
+        """
+        tf = self.phi_transfer(sigma_ring, squared)[first_row:first_row + spectrum.shape[0]]
+        return sfft.irfft(spectrum * tf, n=self.n_phi, axis=1)
+
+    def filter_q(self, cells: np.ndarray, sigma_q: float, squared: bool = False) -> np.ndarray:
+        """Gaussian along q (the cell rows) of ``sigma_q`` px; 0 returns ``cells``."""
+        if sigma_q <= 0:
+            return cells
+        k = gaussian_kernel_1d(sigma_q).astype(np.float32)
+        k = k * k if squared else k
+        return cv2.filter2D(np.ascontiguousarray(cells, np.float32), -1, k[:, None],
+                            borderType=cv2.BORDER_CONSTANT)
 
     def inv_den(self, sigma_q: float, sigma_ring: float) -> np.ndarray:
         """Reciprocal of the filtered cell occupancy (0 where empty); cached per kernel."""
