@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import pytest
 import yaml
 
@@ -9,7 +12,11 @@ from smartbeam.commands.serve import build_config, redact_uri, tables_uri
 from smartbeam.errors import SmartbeamInputError
 from smartbeam.localservices import RedisServer
 from smartbeam.metadata import persistent_metadata
-from smartbeam.queue import compare_plan_lists, resolve_plan_annotations
+from smartbeam.queue import (
+    compare_plan_lists,
+    resolve_plan_annotations,
+    restrict_device_parameters,
+)
 
 # A module with postponed annotations, as the plan modules are written.
 PLAN_SRC = '''
@@ -26,8 +33,6 @@ def not_a_plan(det: Readable) -> None:
 
 
 def test_resolve_plan_annotations_turns_strings_into_types():
-    import inspect
-
     from bluesky.protocols import Readable
 
     ns: dict = {}
@@ -50,6 +55,164 @@ def test_unresolvable_annotation_names_the_plan():
         resolve_plan_annotations(ns)
 
 
+# Science plans of two families, written generically (postponed protocol annotations).
+FAMILY_SRC = '''
+from __future__ import annotations
+from collections.abc import Sequence
+from bluesky.protocols import Readable
+
+def xmcd_scan(endstation: Readable, e_min: float, *, n: int = 3):
+    """An XMCD scan.
+
+    Parameters
+    ----------
+    endstation
+        The end station.
+    e_min
+        Start energy.
+    n
+        Points.
+    """
+    yield ("xmcd", endstation.name, e_min, n)
+
+def sans_count(detector: Readable, others: Sequence[Readable] = (), exposure: float = 1.0):
+    """A SANS count.
+
+    Parameters
+    ----------
+    detector
+        The area detector.
+    others
+        Extra readables.
+    exposure
+        Seconds.
+    """
+    yield ("sans", detector.name, [o.name for o in others], exposure)
+
+def other_plan(det: Readable):
+    """Not in a family."""
+    yield det
+'''
+
+
+@pytest.fixture()
+def family_namespace():
+    from ophyd.sim import SynAxis, SynGauss
+
+    ns: dict = {}
+    exec(compile(FAMILY_SRC, "<family plans>", "exec"), ns)
+    motor = SynAxis(name="motor")
+    ns.update(motor=motor, xmcd=SynGauss("xmcd", motor, "motor", 0, 1),
+              xas=SynGauss("xas", motor, "motor", 0, 1),
+              sans_det=SynAxis(name="sans_det"))
+    resolve_plan_annotations(ns)
+    return ns
+
+
+def _validate(ns, name, args=(), kwargs=None):
+    """Validate an item the way the queueserver does when it is added."""
+    from bluesky_queueserver.manager import profile_ops as po
+
+    plans, devices, _, _ = po.existing_plans_and_devices_from_nspace(nspace=ns)
+    allowed = po._filter_allowed_plans(allowed_plans=plans, allowed_devices=devices)
+    return po.validate_plan({"name": name, "args": list(args), "kwargs": kwargs or {}},
+                            allowed_plans=allowed, allowed_devices=devices)
+
+
+def _refused_for(result, param, bad):
+    """The item was refused for this one parameter and value (messages echo the item)."""
+    ok, msg = result
+    return (not ok and "1 validation error" in msg
+            and re.search(rf"^{param}(\.\d+)?$", msg, re.M) is not None
+            and f"input_value='{bad}'" in msg)
+
+
+def test_restrict_device_parameters_refuses_wrong_devices_when_added(family_namespace):
+    from ophyd.sim import SynAxis, SynGauss
+
+    ns = family_namespace
+    original = ns["xmcd_scan"]
+    assert _validate(ns, "xmcd_scan", ["no_such_device", 700.0])[0]  # the gap: any string
+    done = restrict_device_parameters(ns, {"xmcd_": SynGauss, "sans_": SynAxis})
+    assert done == {"xmcd_scan": {"endstation": ["xas", "xmcd"]},
+                    "sans_count": {"detector": ["motor", "sans_det"],
+                                   "others": ["motor", "sans_det"]}}
+    assert ns["other_plan"].__name__ == "other_plan"
+    assert not hasattr(ns["other_plan"], "_custom_parameter_annotation_")
+    for args in (["xmcd", 700.0], ["xas", 700.0]):
+        assert _validate(ns, "xmcd_scan", args) == (True, "")
+    for bad in ("no_such_device", "motor", "sans_det"):
+        assert _refused_for(_validate(ns, "xmcd_scan", [bad, 700.0]), "endstation", bad)
+    assert _refused_for(_validate(ns, "sans_count", ["sans_det"], {"others": ["motor", "xmcd"]}),
+                        "others", "xmcd")
+    assert _validate(ns, "sans_count", ["sans_det"], {"others": ["motor"]}) == (True, "")
+    # Other parameters are still type-checked.
+    assert _refused_for(_validate(ns, "xmcd_scan", ["xmcd", "high"]), "e_min", "high")
+    # Same plan for IPython: name, numpy docstring, resolved signature, device objects.
+    plan = ns["xmcd_scan"]
+    assert plan.__name__ == "xmcd_scan" and plan.__doc__ == original.__doc__
+    assert str(inspect.signature(plan)) == str(inspect.signature(original))
+    assert list(plan(ns["xmcd"], 700.0, n=5)) == [("xmcd", "xmcd", 700.0, 5)]
+    assert list(ns["sans_count"](ns["sans_det"], [ns["motor"]])) == [
+        ("sans", "sans_det", ["motor"], 1.0)]
+
+
+def test_restrict_device_parameters_twice_does_not_stack_wrappers(family_namespace):
+    from ophyd.sim import SynAxis, SynGauss
+
+    ns = family_namespace
+    original = ns["xmcd_scan"]
+    restrict_device_parameters(ns, {"xmcd_": SynGauss})
+    first = ns["xmcd_scan"]
+    assert first.__wrapped__ is original
+    # A parameter that already has a custom annotation keeps it: no second wrapper.
+    assert restrict_device_parameters(ns, {"xmcd_": SynAxis}) == {}
+    assert ns["xmcd_scan"] is first
+    assert _validate(ns, "xmcd_scan", ["xmcd", 700.0]) == (True, "")
+
+
+def test_restrict_device_parameters_without_devices_refuses_every_name(family_namespace):
+    ns = family_namespace
+
+    class Absent:
+        pass
+
+    assert restrict_device_parameters(ns, {"xmcd_": Absent}) == {"xmcd_scan": {"endstation": []}}
+    ok, msg = _validate(ns, "xmcd_scan", ["xmcd", 700.0])
+    assert not ok and re.search(r"^endstation$", msg, re.M), msg
+
+
+@pytest.mark.parametrize("families", [{"": object}, {"xmcd_": "XMCDEndstation"}, {"xmcd_": ()}])
+def test_restrict_device_parameters_bad_families(family_namespace, families):
+    with pytest.raises(SmartbeamInputError, match="expected a non-empty plan-name prefix"):
+        restrict_device_parameters(family_namespace, families)
+
+
+def test_profile_plans_keep_working_with_device_objects():
+    """The IPython path: a restricted science plan runs on an in-process twin."""
+    import numpy as np
+    from bluesky import RunEngine
+
+    from sim_devices.ophyd_twins.sans import SimSANSDetector
+    from sim_devices.physics.sans import SANSSample
+    from smartbeam.plans import sans_kde_count
+
+    det = SimSANSDetector(SANSSample("realistic", shape=(32, 32)), rng=np.random.default_rng(0))
+    ns = {"sans_kde_count": sans_kde_count, "sans_det": det}
+    resolve_plan_annotations(ns)
+    assert restrict_device_parameters(ns, {"sans_": SimSANSDetector}) == {
+        "sans_kde_count": {"detector": ["sans_det"]}}
+    assert ns["sans_kde_count"] is not sans_kde_count
+    assert not hasattr(sans_kde_count, "_custom_parameter_annotation_")
+    RE = RunEngine({})
+    stops = []
+    RE(ns["sans_kde_count"](det, exposure=0.1, max_exposures=3, target_rel_error=1e-9),
+       lambda n, d: stops.append(d) if n == "stop" else None)
+    assert stops[0]["exit_status"] == "success" and stops[0]["num_events"]["primary"] == 3
+    assert _refused_for(_validate(ns, "sans_kde_count", ["not_a_detector"]), "detector",
+                        "not_a_detector")
+
+
 def _plan_list(path, plans):
     path.write_text(yaml.safe_dump({"existing_plans": plans, "existing_devices": {}}))
     return path
@@ -66,6 +229,13 @@ def test_compare_plan_lists_reports_each_difference(tmp_path):
     assert any("'gone' no longer exists" in d for d in diffs)
     assert any("'scan1'" in d for d in diffs)
     assert compare_plan_lists(a, a) == []
+    # A change of the devices a parameter accepts makes the committed list stale too.
+    d = {"name": "endstation", "annotation": {"type": "XMCDEndstation",
+                                              "devices": {"XMCDEndstation": ["xas", "xmcd"]}}}
+    c = _plan_list(tmp_path / "c.yaml", {"scan1": {"parameters": [d]}})
+    e = _plan_list(tmp_path / "e.yaml", {"scan1": {"parameters": [
+        {**d, "annotation": {**d["annotation"], "devices": {"XMCDEndstation": ["xmcd"]}}}]}})
+    assert compare_plan_lists(c, e) != [] and compare_plan_lists(c, c) == []
 
 
 def test_directory_metadata_persists(tmp_path, monkeypatch):

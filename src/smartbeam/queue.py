@@ -5,12 +5,21 @@ types by ``eval`` of their text. Modules written with ``from __future__ import a
 give it strings (``'Readable'``) that it cannot resolve, and then *every* item of that plan
 is refused ("Model is not fully defined"). :func:`resolve_plan_annotations` evaluates those
 strings once in the startup namespace, so plan modules can keep postponed annotations.
+
+It also turns a protocol annotation (``endstation: Readable``) into a plain string
+(``__READABLE__``), so a wrong device name would only fail when the item runs.
+:func:`restrict_device_parameters` gives such parameters the queueserver's own custom
+annotation: an enum of the devices of the right class in the startup namespace, so a
+wrong name is refused when the item is added. The plans themselves stay generic.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
-from collections.abc import Callable, MutableMapping
+import logging
+import typing
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +31,10 @@ __all__ = [
     "make_admin_plans",
     "plan_signatures",
     "resolve_plan_annotations",
+    "restrict_device_parameters",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Plans and functions whose names start with this are kept out of the primary user group
 # by profile_collection/startup/user_group_permissions.yaml.
@@ -71,6 +83,107 @@ def resolve_plan_annotations(namespace: MutableMapping[str, Any]) -> list[str]:
     return resolved
 
 
+def _protocol_shape(annotation: Any) -> str | None:
+    """``"one"`` for a bluesky protocol, ``"list"`` for a sequence of one, else ``None``."""
+
+    def is_protocol(a: Any) -> bool:
+        return isinstance(a, type) and a.__module__ == "bluesky.protocols"
+
+    if is_protocol(annotation):
+        return "one"
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (list, tuple, Sequence, typing.Sequence) and len(args) == 1 \
+            and is_protocol(args[0]):
+        return "list"
+    return None
+
+
+def _device_names(namespace: Mapping[str, Any], classes: tuple[type, ...]) -> list[str]:
+    return sorted(name for name, obj in namespace.items()
+                  if not name.startswith("_") and isinstance(obj, classes))
+
+
+def restrict_device_parameters(namespace: MutableMapping[str, Any],
+                               families: Mapping[str, type | tuple[type, ...]]
+                               ) -> dict[str, dict[str, list[str]]]:
+    """Let the device parameters of queued plans accept only devices of the right class.
+
+    For every plan in ``namespace`` whose name starts with a key of ``families``, each
+    parameter annotated with a ``bluesky.protocols`` type (or a sequence of one) gets a
+    queueserver custom annotation (``parameter_annotation_decorator``) whose device enum
+    lists the devices of the family's class(es) found in ``namespace``. The queueserver
+    then refuses an item naming any other device when it is added, with a message naming
+    the parameter. The plan is replaced in ``namespace`` by the decorator's thin wrapper:
+    same name, numpy docstring and (resolved) signature; called from IPython with device
+    objects it behaves exactly as the plan. A parameter that already has a custom
+    annotation keeps it (so calling this twice changes nothing).
+
+    Call it after the devices exist and after :func:`resolve_plan_annotations`.
+
+    Parameters
+    ----------
+    namespace
+        The startup namespace (``globals()`` of the startup file).
+    families
+        Plan-name prefix -> device class (or tuple of classes), e.g.
+        ``{"xmcd_": XMCDEndstation, "sans_": SANSDetector}``.
+
+    Returns
+    -------
+    dict
+        ``{plan name: {parameter name: [device names]}}`` of what was restricted.
+
+    Raises
+    ------
+    SmartbeamInputError
+        When a family's prefix is empty or its value is not a class or tuple of classes.
+    """
+    from bluesky_queueserver import parameter_annotation_decorator
+
+    for prefix, classes in families.items():
+        classes = classes if isinstance(classes, tuple) else (classes,)
+        if not prefix or not classes or not all(isinstance(c, type) for c in classes):
+            raise SmartbeamInputError(
+                f"family {prefix!r}: {families[prefix]!r}; expected a non-empty plan-name "
+                "prefix mapped to a device class or a tuple of device classes")
+    restricted: dict[str, dict[str, list[str]]] = {}
+    for name, obj in list(namespace.items()):
+        if name.startswith("_") or not inspect.isgeneratorfunction(obj):
+            continue
+        prefix = next((p for p in families if name.startswith(p)), None)
+        if prefix is None:
+            continue
+        classes = families[prefix] if isinstance(families[prefix], tuple) else (families[prefix],)
+        # The enum's type name is what the queueserver shows as the parameter's type.
+        type_name = "_or_".join(c.__name__ for c in classes)
+        devices = _device_names(namespace, classes)
+        sig = inspect.signature(obj, eval_str=True)
+        existing = copy.deepcopy(getattr(obj, "_custom_parameter_annotation_", None) or {})
+        params = existing.setdefault("parameters", {})
+        done = {}
+        for p in sig.parameters.values():
+            shape = _protocol_shape(p.annotation)
+            if shape is None or "annotation" in params.get(p.name, {}):
+                continue
+            params.setdefault(p.name, {}).update(
+                annotation=type_name if shape == "one" else f"typing.List[{type_name}]",
+                devices={type_name: list(devices)})
+            done[p.name] = devices
+        if not done:
+            continue
+        if not devices:
+            logger.warning("plan %s: no %s in the session; every queued item will be refused",
+                           name, type_name)
+        # Decorate the undecorated plan (re-running the profile must not stack wrappers).
+        base = obj.__wrapped__ if hasattr(obj, "_custom_parameter_annotation_") else obj
+        wrapper = parameter_annotation_decorator(existing)(base)
+        wrapper.__signature__ = sig
+        namespace[name] = wrapper
+        restricted[name] = done
+    return restricted
+
+
 def make_admin_plans(RE) -> dict[str, Callable]:
     """Admin-only plans bound to a RunEngine (kept from the primary group by permissions).
 
@@ -102,19 +215,30 @@ def make_admin_plans(RE) -> dict[str, Callable]:
     return {"admin_set_scan_id": admin_set_scan_id}
 
 
-def plan_signatures(path: str | Path) -> dict[str, list[tuple[str, str, str | None]]]:
-    """Plan names and (name, type, default) of their parameters from a plan-list YAML.
+def plan_signatures(path: str | Path) -> dict[str, list[tuple[str, str, str | None, dict | None]]]:
+    """Plan names and (name, type, default, device enums) of their parameters.
 
     Parameters
     ----------
     path
         An ``existing_plans_and_devices.yaml`` written by ``qserver-list-plans-devices``.
+
+    Returns
+    -------
+    dict
+        ``{plan: [(parameter, type, default, devices), ...]}``; ``devices`` is the custom
+        annotation's ``{type name: sorted device names}`` or ``None``.
     """
     import yaml
 
+    def devices(p: dict) -> dict | None:
+        enums = (p.get("annotation") or {}).get("devices")
+        return {k: sorted(v) for k, v in enums.items()} if enums else None
+
     data = yaml.safe_load(Path(path).read_text()) or {}
     plans = data.get("existing_plans") or {}
-    return {name: [(p["name"], (p.get("annotation") or {}).get("type"), p.get("default"))
+    return {name: [(p["name"], (p.get("annotation") or {}).get("type"), p.get("default"),
+                    devices(p))
                    for p in desc.get("parameters", [])]
             for name, desc in plans.items()}
 

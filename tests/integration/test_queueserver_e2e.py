@@ -132,8 +132,10 @@ def test_environment_and_plan_list(services, queued_runs):
     for name in ("xmcd_adaptive_scan", "xmcd_dense_scan", "stxm_image", "sans_kde_count"):
         assert name in queued_runs["allowed"]
     params = {p["name"]: p for p in queued_runs["allowed"]["xmcd_adaptive_scan"]["parameters"]}
-    # The device parameter is typed as a device (names become objects), not a bare string.
-    assert params["endstation"]["annotation"]["type"] == "__READABLE__"
+    # The device parameter accepts the session's end stations only (names become objects).
+    annotation = params["endstation"]["annotation"]
+    assert annotation["type"] == "XMCDEndstation"
+    assert set(annotation["devices"]["XMCDEndstation"]) == {"xmcd", "xas"}
 
 
 def test_runs_found_by_metadata_query_with_derived_streams(services, queued_runs):
@@ -175,6 +177,24 @@ def test_bad_argument_is_rejected_when_added(services, queued_runs):
     with pytest.raises(RM.RequestFailedError) as err:
         RM.item_add(BPlan("sans_kde_count", "sans_det", max_exposures=2.5))
     assert "max_exposures" in str(err.value)
+    # A wrong device name (unknown, or a device of another kind) is refused when added,
+    # for every science plan family, naming the parameter.
+    window = {"x_range": [0.0, 1.0], "y_range": [0.0, 1.0], "pixel": 0.5}
+    for item, param, bad in (
+            (BPlan("xmcd_adaptive_scan", "no_such_device", 700.0, 735.0), "endstation",
+             "no_such_device"),
+            (BPlan("xmcd_dense_scan", "sans_det", 700.0, 735.0), "endstation", "sans_det"),
+            (BPlan("xas_tendq_scan", "stxm", 630.0, 663.0), "endstation", "stxm"),
+            (BPlan("stxm_image", "xmcd", energies=[708.0], **window), "stxm", "xmcd"),
+            (BPlan("stxm_xmcd_stack", "no_such_device", e_min=700.0, e_max=735.0, **window),
+             "stxm", "no_such_device"),
+            (BPlan("sans_kde_count", "xas", exposure=0.5), "detector", "xas")):
+        with pytest.raises(RM.RequestFailedError) as err:
+            RM.item_add(item)
+        # The one error is the device parameter's (the message also echoes the whole item).
+        msg = str(err.value)
+        assert "1 validation error" in msg and f"\n{param}\n" in msg, (item, msg)
+        assert f"input_value='{bad}'" in msg, (item, msg)
     assert RM.queue_get()["items"] == []
 
 
