@@ -205,6 +205,8 @@ class Geometry:
         self._scratch: dict[int, np.ndarray] = {}
         self._mask_weight: dict[float, np.ndarray] = {}
         self._regions: dict[tuple, list] = {}
+        masked_flat = np.flatnonzero(~mask)
+        self._masked_flat = masked_flat if masked_flat.size < mask.size // 4 else None
 
     def iso_filter(self, sigma: float) -> IsoFilter:
         """Isotropic float32 filter with its mask normalisation (cached per ``sigma``)."""
@@ -273,7 +275,12 @@ class Geometry:
         buf = self._scratch.get(slot)
         if buf is None:
             buf = self._scratch[slot] = np.empty(self.shape, np.float32)
-        return np.multiply(frame, self.maskf, out=buf, dtype=np.float32)
+        if self._masked_flat is None:
+            return np.multiply(frame, self.maskf, out=buf, dtype=np.float32)
+        # few masked pixels: convert, then zero them (cheaper than a multiply pass)
+        np.copyto(buf, frame, casting="unsafe")
+        buf.reshape(-1)[self._masked_flat] = 0.0
+        return buf
 
     def mask_weight(self, sigma: float) -> np.ndarray:
         """Smoothed mask (float64) for an isotropic ``sigma`` (cached: the mask is fixed)."""
@@ -850,11 +857,18 @@ def apply_kernels(counts: np.ndarray, geometry: Geometry, kernels: Sequence[Kern
                                   f"({geometry.n_bands})")
     if backend != "cv2":
         return _apply_kernels_reference(counts, geometry, kernels, backend, variance)
+    masked = geometry.masked32(counts, slot=0)
+    regions = geometry.kernel_regions(kernels)
+    if len(regions) == 1 and regions[0][0].kind == "iso" and regions[0][0].sigma_q > 0:
+        # one kernel everywhere: the whole frame, no per-band copies
+        f = geometry.iso_filter(regions[0][0].sigma_q)
+        out = f.apply(masked)
+        var = f.variance(geometry.masked32(np.maximum(out, 0.0), slot=1)) if variance else None
+        return out, var
     out = np.zeros(geometry.shape, np.float32)
     var = np.zeros(geometry.shape, np.float32) if variance else None
-    masked = geometry.masked32(counts, slot=0)
     cells = None
-    for kern, reg in geometry.kernel_regions(kernels):
+    for kern, reg in regions:
         if kern.kind == "iso" and kern.sigma_q <= 0:
             np.copyto(out, masked, where=reg.sel_full)
             if variance:
