@@ -245,3 +245,32 @@ def test_region_smoothing_equals_full_frame_per_kernel():
         np.testing.assert_allclose(sm[sel], ref[sel], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(var[sel], ref_var[sel], rtol=1e-4, atol=1e-6)
     assert np.all(sm[~mask] == 0) and np.all(var[~mask] == 0)
+
+
+def test_coarse_search_close_to_full_and_never_worse_than_raw():
+    """Large detectors search the candidate grid coarse-to-fine (auto): fewer kernels
+    scored, no smoothing always among them, and the chosen CV error close to the full
+    search's."""
+    n = 300  # 300^2 valid pixels > 65,536: "auto" searches coarse-to-fine
+    yy, xx = np.mgrid[0:n, 0:n]
+    c = (140.2, 160.7)
+    r = np.hypot(xx - c[0], yy - c[1])
+    g = Geometry(r > 6, c, band_width_px=25)
+    mu = 40 * np.exp(-r / 60) * (1 + 0.5 * np.cos(r / 3)) + 0.5  # rings of ~19 px period
+    x = np.random.default_rng(4).poisson(mu)
+    full = select_bandwidths(x, g, rng=1, search="full")
+    coarse = select_bandwidths(x, g, rng=1)
+    scored = coarse.cv_score[:, 0] < 1e29
+    assert 0 < scored.sum() < len(coarse.candidates)
+    none = coarse.candidates.index(Kernel.iso(0))
+    assert scored[none]
+    cols = np.arange(g.n_bands)
+
+    def chosen(sel):
+        return sel.cv_score[[sel.candidates.index(k) for k in sel.kernels], cols]
+
+    assert np.all(chosen(coarse) <= coarse.cv_score[none])
+    assert chosen(coarse).sum() <= 1.01 * chosen(full).sum()
+    assert np.isfinite(coarse.rel_error_at(1.0)) and np.isfinite(coarse.scale_to_target(0.01))
+    with pytest.raises(SmartbeamInputError, match="search"):
+        select_bandwidths(x, g, search="greedy")

@@ -602,10 +602,60 @@ class ErrorModel:
                    avg("chi2_var"), models[-1].chosen.copy(), models[-1].exposure)
 
 
+# score (and error terms) of candidates a coarse-to-fine search did not evaluate: finite,
+# so that averaging models never meets 0 * inf, and far above any real score
+_UNSCORED = 1e30
+
+
+class _SearchPlan:
+    """Grid structure of a candidate list for the coarse-to-fine search.
+
+    Isotropic kernels form a line (sorted by sigma), ring kernels a grid
+    (sigma_q x sigma_ring); neighbours are the adjacent grid points.
+    """
+
+    def __init__(self, candidates: Sequence[Kernel]) -> None:
+        self.candidates = list(candidates)
+        self.iso = sorted({k.sigma_q for k in candidates if k.kind == "iso"})
+        self.qs = sorted({k.sigma_q for k in candidates if k.kind == "ring"})
+        self.rs = sorted({k.sigma_ring for k in candidates if k.kind == "ring"})
+        self.pos = [self._pos(k) for k in self.candidates]
+        self.at = {p: c for c, p in enumerate(self.pos)}
+
+    def _pos(self, k: Kernel) -> tuple:
+        if k.kind == "iso":
+            return ("iso", self.iso.index(k.sigma_q))
+        return ("ring", self.qs.index(k.sigma_q), self.rs.index(k.sigma_ring))
+
+    def coarse(self) -> list[int]:
+        """Every third isotropic sigma (and the largest), the four corner ring kernels,
+        the first candidate and no smoothing."""
+        n = len(self.iso)
+        iso = set(range(0, n, 3)) | {n - 1} if n else set()
+        corners = {(i, j) for i in {0, len(self.qs) - 1} for j in {0, len(self.rs) - 1}}
+        picks = {self.at[("iso", i)] for i in iso if ("iso", i) in self.at}
+        picks |= {self.at[("ring", i, j)] for i, j in corners if ("ring", i, j) in self.at}
+        picks.add(0)
+        if Kernel.iso(0) in self.candidates:
+            picks.add(self.candidates.index(Kernel.iso(0)))
+        return sorted(picks)
+
+    def neighbours(self, c: int) -> list[int]:
+        """Candidates adjacent to ``c`` on its grid."""
+        p = self.pos[c]
+        if p[0] == "iso":
+            near = [("iso", p[1] - 1), ("iso", p[1] + 1)]
+        else:
+            near = [("ring", p[1] + d, p[2]) for d in (-1, 1)]
+            near += [("ring", p[1], p[2] + d) for d in (-1, 1)]
+        return [self.at[q] for q in near if q in self.at]
+
+
 def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = "map",
                       candidates: Sequence[Kernel] = DEFAULT_CANDIDATES, n_splits: int = 1,
                       rng: np.random.Generator | int | None = None,
-                      max_score_pixels: int | None = 65536) -> Selection:
+                      max_score_pixels: int | None = 65536, search: str = "auto",
+                      ) -> Selection:
     """Choose a kernel per radial band by cross-validation on binomially thinned halves.
 
     Each random halving ``A + B = X`` is used both ways (smooth A, score against B, and
@@ -633,6 +683,14 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         For the ``"map"`` product, score the candidates on at most this many valid
         pixels (a fixed random subsample; all of them on small detectors). The
         convolutions still run on the whole frame. ``None``: every valid pixel.
+    search
+        ``"full"``: score every candidate. ``"coarse"``: score a coarse subset (every
+        third isotropic sigma, the corner ring kernels, always no smoothing), then, per
+        band, the grid neighbours of the band's best until no band's best has an
+        unscored neighbour (hill climbing on the bias-variance curve). ``"auto"``:
+        coarse on detectors with more than 65,536 valid pixels, full otherwise.
+        Unscored candidates get a score of 1e30, so they are never chosen; no smoothing
+        is always scored, which keeps the choice never worse than raw data.
 
     Returns
     -------
@@ -645,9 +703,14 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
     candidates = list(candidates)
     if not candidates:
         raise SmartbeamInputError("candidates is empty: expected at least one Kernel")
+    if search not in ("auto", "full", "coarse"):
+        raise SmartbeamInputError(f"search={search!r}: expected 'auto', 'full' or 'coarse'")
     x = validate_frame(counts, geometry.shape, "counts")
     rng = np.random.default_rng(rng)
     idx = geometry.score_index(max_score_pixels) if product == "map" else None
+    if search == "auto":
+        search = "coarse" if int(geometry.mask.sum()) > 65536 else "full"
+    plan = _SearchPlan(candidates)
 
     def profile(frame: np.ndarray) -> np.ndarray:
         return frame.ravel()[idx] if idx is not None else product_profile(frame, geometry,
@@ -681,60 +744,83 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         return np.bincount(band_of, weights=values, minlength=n_bands)
 
     scored_cells = polar.cell.ravel()[idx] if idx is not None else None
-    # ring candidates grouped by sigma_ring (see ring_done below); scores keep their rows
-    order = sorted(range(len(candidates)),
-                   key=lambda c: (candidates[c].kind != "ring", candidates[c].sigma_ring))
-    for _ in range(n_splits):
+    splits = []
+    for s_ in range(n_splits):
         halves = thin(x, rng)
-        h32 = [geometry.masked32(h, slot=2 + j) for j, h in enumerate(halves)]
+        h32 = [geometry.masked32(h, slot=2 + 2 * s_ + j) for j, h in enumerate(halves)]
         raw = [np.where(ok, profile(h).astype(np.float64), 0.0) for h in h32]
         # Poisson variance of one half's bin, estimated by its own (unbiased) counts
         noise = np.where(ok, 0.5 * (raw[0] + raw[1]) / nb_safe, 0.0)
         chi2_noise += band_sum(noise * weight)
-        cells: list[np.ndarray | None] = [None, None]
-        # ring kernels: one FFT along the ring per half, one inverse per sigma_ring, shared
-        # by every sigma_q (the candidates come grouped by sigma_ring, so one is kept)
-        spectra: list[np.ndarray | None] = [None, None]
-        ring_done: dict[tuple[int, float], np.ndarray] = {}
-        for c in order:
-            kern = candidates[c]
-            est = []
-            for j in (0, 1):
-                if kern.kind == "iso":
-                    sm = h32[j] if kern.sigma_q <= 0 else \
-                        geometry.iso_filter(kern.sigma_q).apply(h32[j])
-                    pj = profile(sm)
-                else:
-                    if cells[j] is None:
-                        cells[j] = polar.to_cells(h32[j])
-                    key = (j, kern.sigma_ring)
-                    if key not in ring_done:
-                        ring_done = {k: v for k, v in ring_done.items()
-                                     if k[1] == kern.sigma_ring}
-                        if kern.sigma_ring > 0:
-                            if spectra[j] is None:
-                                spectra[j] = sfft.rfft(cells[j], axis=1)
-                            ring_done[key] = polar.filter_ring(spectra[j], kern.sigma_ring)
-                        else:
-                            ring_done[key] = cells[j]
-                    cell_val = polar.filter_q(ring_done[key], kern.sigma_q)
-                    inv = polar.inv_den(kern.sigma_q, kern.sigma_ring)
-                    if idx is not None:
-                        # only the scored pixels are read back from the polar cells
-                        pj = cell_val.ravel()[scored_cells] * inv.ravel()[scored_cells]
-                    else:
-                        pj = profile(polar.to_pixels(cell_val * inv))
-                est.append(np.where(ok, pj.astype(np.float64), 0.0))
-            # two-fold CV: each smoothed half scored against the other raw half
-            err = 0.5 * ((est[0] - raw[1]) ** 2 + (est[1] - raw[0]) ** 2)
-            score[c] += band_sum(err * weight)
-            # unbiased for E(est - mu/2)^2: subtract the Poisson variance of the raw half
-            mse[c] += band_sum(err - noise)
-            # E (est_A - est_B)^2 / 2 = Var(est) of one half (A, B independent, same mean)
-            d2 = 0.5 * (est[0] - est[1]) ** 2
-            var[c] += band_sum(d2)
-            var_w[c] += band_sum(d2 * weight)
         sig2 += band_sum(np.where(ok, (pilot_signal / 2) ** 2, 0.0))
+        # ring kernels: one FFT along the ring per half, one inverse per sigma_ring, shared
+        # by every sigma_q (the candidates come grouped by sigma_ring)
+        splits.append({"h32": h32, "raw": raw, "noise": noise, "cells": [None, None],
+                       "spectra": [None, None], "ring_done": {}})
+
+    def ring_values(sp: dict, j: int, kern: Kernel) -> np.ndarray:
+        cells, spectra = sp["cells"], sp["spectra"]
+        if cells[j] is None:
+            cells[j] = polar.to_cells(sp["h32"][j])
+        key = (j, kern.sigma_ring)
+        if key not in sp["ring_done"]:
+            # keep ring-filtered grids for later search stages while they fit in ~100 MB
+            while sp["ring_done"] and (len(sp["ring_done"]) + 1) * cells[j].nbytes > 100e6:
+                sp["ring_done"].pop(next(iter(sp["ring_done"])))
+            if kern.sigma_ring > 0:
+                if spectra[j] is None:
+                    spectra[j] = sfft.rfft(cells[j], axis=1)
+                sp["ring_done"][key] = polar.filter_ring(spectra[j], kern.sigma_ring)
+            else:
+                sp["ring_done"][key] = cells[j]
+        cell_val = polar.filter_q(sp["ring_done"][key], kern.sigma_q)
+        inv = polar.inv_den(kern.sigma_q, kern.sigma_ring)
+        if idx is not None:
+            # only the scored pixels are read back from the polar cells
+            return cell_val.ravel()[scored_cells] * inv.ravel()[scored_cells]
+        return profile(polar.to_pixels(cell_val * inv))
+
+    def evaluate(todo: Sequence[int]) -> None:
+        # ring candidates grouped by sigma_ring (see ring_values); scores keep their rows
+        order = sorted(todo, key=lambda c: (candidates[c].kind != "ring",
+                                            candidates[c].sigma_ring))
+        for sp in splits:
+            h32, raw, noise = sp["h32"], sp["raw"], sp["noise"]
+            for c in order:
+                kern = candidates[c]
+                est = []
+                for j in (0, 1):
+                    if kern.kind == "iso":
+                        sm = h32[j] if kern.sigma_q <= 0 else \
+                            geometry.iso_filter(kern.sigma_q).apply(h32[j])
+                        pj = profile(sm)
+                    else:
+                        pj = ring_values(sp, j, kern)
+                    est.append(np.where(ok, pj.astype(np.float64), 0.0))
+                # two-fold CV: each smoothed half scored against the other raw half
+                err = 0.5 * ((est[0] - raw[1]) ** 2 + (est[1] - raw[0]) ** 2)
+                score[c] += band_sum(err * weight)
+                # unbiased for E(est - mu/2)^2: subtract the Poisson variance of the raw half
+                mse[c] += band_sum(err - noise)
+                # E (est_A - est_B)^2 / 2 = Var(est) of one half (A, B independent)
+                d2 = 0.5 * (est[0] - est[1]) ** 2
+                var[c] += band_sum(d2)
+                var_w[c] += band_sum(d2 * weight)
+
+    if search == "full":
+        evaluate(range(len(candidates)))
+        scored = np.ones(len(candidates), bool)
+    else:
+        scored = np.zeros(len(candidates), bool)
+        todo = plan.coarse()
+        while todo:
+            evaluate(todo)
+            scored[todo] = True
+            best_now = np.argmin(np.where(scored[:, None], score, np.inf), axis=0)
+            todo = sorted({n for c in set(best_now.tolist()) for n in plan.neighbours(c)
+                           if not scored[n]})
+        for arr in (score, mse, var, var_w):
+            arr[~scored] = _UNSCORED * n_splits
     for arr in (score, mse, var, var_w, sig2, chi2_noise):
         arr /= n_splits
     best = np.argmin(score, axis=0)
@@ -752,6 +838,9 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         if kern == Kernel.iso(0):
             bias2[c] = 0.0
             bias2_w[c] = 0.0
+    # unscored candidates: never picked by the error model either
+    bias2[~scored] = _UNSCORED
+    bias2_w[~scored] = _UNSCORED
     with np.errstate(invalid="ignore", divide="ignore"):
         rel_bands = np.where(sig2 > 0, np.sqrt(mse_best / sig2), np.nan)
         total = sig2[present].sum()
