@@ -93,8 +93,7 @@ def _protocol_shape(annotation: Any) -> str | None:
         return "one"
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if origin in (list, tuple, Sequence, typing.Sequence) and len(args) == 1 \
-            and is_protocol(args[0]):
+    if origin in (list, Sequence) and len(args) == 1 and is_protocol(args[0]):
         return "list"
     return None
 
