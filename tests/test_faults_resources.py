@@ -138,3 +138,14 @@ def test_livekde_flags_bad_values_and_shape_and_keeps_counting():
     errs = [r["error"] for r in cb.rows if r["error"]]
     assert len(errs) == 2 and "finite" in errs[0] and "(64, 64)" in errs[1]
     assert cb.stream.n_frames == 4  # the two bad frames excluded, the rest counted
+
+
+def test_identical_frame_is_repeated_even_when_the_counter_advances():
+    rng = np.random.default_rng(5)
+    f = rng.poisson(3.0, (16, 16)).astype(np.int32)
+    _, d1 = check_frame(f, counter=7, previous_counter=6)
+    v, d2 = check_frame(f.copy(), counter=9, previous_counter=7, previous_digest=d1)
+    assert v.flag == "repeated" and not v.accepted and v.n_dropped == 1
+    assert "counter advanced 7 -> 9" in v.detail and d2 == d1
+    g = rng.poisson(3.0, (16, 16)).astype(np.int32)
+    assert check_frame(g, counter=10, previous_counter=9, previous_digest=d1)[0].flag == "ok"

@@ -11,6 +11,14 @@ IOC faults
     its defaults. The suspension's justification names the PVs. Plans keep their Python
     state (a GP, a KDE) across a suspension: the generator is not restarted.
 
+    An IOC that dies *during* a CA call makes that call raise at once (ophyd's
+    ``DisconnectedError``), before the watchdog's request reaches the RunEngine. So the
+    suspender also guards the RunEngine's device commands (``read``, ``trigger``, ``set``,
+    ``wait``, ``locate``): a connection failure on a watched device trips the suspender
+    right there, and the command waits for the suspension instead of throwing into the
+    plan. When the plan cannot be rewound (no checkpoint yet) the command fails with
+    :class:`IOCFaultError`, which names the PVs and the IOC (prefix, CA address list).
+
 Bad detector frames
     :func:`check_frame` applies the rules below to one frame; :class:`FrameQualityMonitor`
     applies them to a run and writes a ``frame_quality`` stream (one row per frame) into
@@ -21,10 +29,13 @@ Bad detector frames
     ``bad_values``
         Any NaN, inf or negative count: rejected (counts are non-negative integers).
     ``repeated``
-        The detector's frame counter did not advance, or (without a counter) the frame is
-        bit-identical to the previous one and holds at least ``min_repeat_counts`` counts
-        (two independent Poisson frames of that many counts are practically never equal):
-        rejected, since counting it twice would double its counts and understate noise.
+        The detector's frame counter did not advance, or the frame is bit-identical to the
+        previous accepted one and holds at least ``min_repeat_counts`` counts (two
+        independent Poisson frames of that many counts are practically never equal; a
+        stuck readout can repeat a buffer while its counter still advances): rejected,
+        since counting it twice would double its counts and understate noise. Consumers
+        that sum frames (:class:`~smartbeam.callbacks.live_kde.LiveKDE`) skip it and count
+        it (``n_repeated`` in the ``kde`` stream).
     ``dropped``
         The counter advanced by more than one: the frame itself is accepted, the
         ``n_dropped`` missing frames are reported (their counts are lost; rates stay
@@ -35,6 +46,7 @@ Bad detector frames
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
@@ -47,18 +59,71 @@ from bluesky.suspenders import SuspenderBase
 from event_model import unpack_event_page
 
 from .callbacks.derived import DerivedStreamRouter, DocumentCallback
-from .errors import SmartbeamInputError
+from .epics_env import address_list
+from .errors import SmartbeamError, SmartbeamInputError
 
 __all__ = [
     "FRAME_FLAGS",
     "FrameQualityMonitor",
     "FrameVerdict",
+    "IOCFaultError",
     "IOCSuspender",
     "check_frame",
     "install_ioc_suspenders",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class IOCFaultError(SmartbeamError, ConnectionError):
+    """An IOC stopped answering during a plan that could not be suspended and resumed."""
+
+
+# RunEngine commands that talk to devices: a dead IOC makes them raise at once.
+GUARDED_COMMANDS = ("read", "trigger", "set", "wait", "locate")
+_CONNECTION_ERRORS = ("DisconnectedError", "ChannelAccessException", "FailedStatus")
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """A timeout or a lost channel anywhere in the exception's chain."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, TimeoutError | ConnectionError) or \
+                any(c.__name__ in _CONNECTION_ERRORS for c in type(exc).__mro__):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def _root(obj):
+    return getattr(obj, "root", obj)
+
+
+def _guard_commands(RE) -> None:
+    """Wrap the device commands of ``RE`` once so that IOC faults become suspensions."""
+    if getattr(RE, "_smartbeam_ioc_guard", False):
+        return
+    # bluesky 1.15 has no public getter for a registered command; chain to whatever is there
+    registry = RE._command_registry
+    for name in GUARDED_COMMANDS:
+        RE.register_command(name, _guarded(RE, registry[name]))
+    RE._smartbeam_ioc_guard = True
+
+
+def _guarded(RE, command):
+    async def guarded(msg):
+        try:
+            return await command(msg)
+        except Exception as exc:
+            suspenders = [s for s in RE.suspenders if isinstance(s, IOCSuspender)]
+            if msg.obj is not None:
+                suspenders = [s for s in suspenders if _root(s.device) is _root(msg.obj)]
+            for susp in suspenders:
+                if susp.fault_now(exc):
+                    await susp.suspend_or_raise(msg, exc)
+            raise
+    return guarded
 
 
 def _epics_signals(device) -> list:
@@ -119,6 +184,8 @@ class IOCSuspender(SuspenderBase):
         self._disconnected: set[str] = set()
         self._stalled = ""
         self._in_fault = False
+        # between a fault and the restore, the IOC may serve its defaults: no snapshots
+        self._restore_pending = False
         self._snapshot: dict = {}
         self._stop = threading.Event()
         self._poke = threading.Event()
@@ -137,6 +204,7 @@ class IOCSuspender(SuspenderBase):
         """Watch connections and start the probe thread (called by ``RE.install_suspender``)."""
         with self._lock:
             self.RE = RE
+        _guard_commands(RE)
         for sig in self.signals:
             sig.subscribe(self._on_meta, event_type=sig.SUB_META, run=True)
         self._take_snapshot()
@@ -153,6 +221,49 @@ class IOCSuspender(SuspenderBase):
         if self._thread is not None:
             self._thread.join(self.period + self.timeout + 1.0)
         super().remove()
+
+    def _live_disconnected(self) -> set[str]:
+        return {s.pvname for s in self.signals if not getattr(s, "connected", True)}
+
+    def fault_now(self, exc: BaseException | None = None) -> bool:
+        """Whether the IOC is faulty right now (used when a device command failed).
+
+        Any watched PV disconnected, or ``exc`` is a timeout / lost-connection error of a
+        watched device: the suspender's state is updated at once, without waiting for
+        the next probe.
+        """
+        disconnected = self._live_disconnected()
+        if disconnected:
+            self._disconnected |= disconnected
+            return True
+        if exc is not None and _is_connection_error(exc):
+            self._stalled = (f"{self.probe.pvname}: a command on {self._name()!r} failed "
+                             f"({type(exc).__name__}: {exc})")
+            return True
+        return False
+
+    async def suspend_or_raise(self, msg, exc: BaseException) -> None:
+        """Trip now (from the RunEngine's loop) and wait for the suspension to cancel the
+        failed command; raise :class:`IOCFaultError` if the plan cannot be suspended."""
+        RE = self.RE
+        if RE is None or not RE.resumable:
+            raise IOCFaultError(self._fault_message(msg, exc, "the plan has no checkpoint "
+                                                    "to resume from, so it stopped")) from exc
+        self._evaluate()
+        # the suspension request cancels this task: CancelledError leaves through here
+        await asyncio.sleep(self.period + self.timeout + 5.0)
+        raise IOCFaultError(self._fault_message(msg, exc, "the suspension did not "
+                                                "start")) from exc
+
+    def _name(self) -> str:
+        return getattr(self.device, "name", "?")
+
+    def _fault_message(self, msg, exc, what: str) -> str:
+        prefix = getattr(self.device, "prefix", "") or ""
+        obj = getattr(msg.obj, "name", None)
+        return (f"IOC of {self._name()!r} (PV prefix {prefix!r}; {address_list()}) is not "
+                f"answering: {self._reason() or exc}; during {msg.command!r}"
+                f"{f' of {obj!r}' if obj else ''}: {what}")
 
     def _on_meta(self, *args, obj=None, connected=None, **kwargs) -> None:
         if obj is None or connected is None:
@@ -171,6 +282,8 @@ class IOCSuspender(SuspenderBase):
             self._poke.clear()
             if self._stop.is_set():
                 return
+            # the live connection state wins over callbacks that may have raced
+            self._disconnected = self._live_disconnected()
             if self._disconnected:
                 self._evaluate()  # no probe: a disconnected read would only add a timeout
                 continue
@@ -182,7 +295,8 @@ class IOCSuspender(SuspenderBase):
                 stalled = (f"{self.probe.pvname} did not answer within {self.timeout:g} s "
                            f"({type(exc).__name__})")
             self._stalled = stalled
-            if not stalled and not self._disconnected and not self.tripped:
+            if not (stalled or self._disconnected or self.tripped or self._in_fault
+                    or self._restore_pending):
                 self._take_snapshot()
             self._evaluate()
 
@@ -210,11 +324,14 @@ class IOCSuspender(SuspenderBase):
             return
         if faulty and not self._in_fault:
             self._in_fault = True
+            self._restore_pending = self.restore
             reason = self._reason()
             self.trips.append(reason)
             logger.warning("IOC fault, suspending: %s", reason)
         elif not faulty and self._in_fault:
             self._in_fault = False
+            if self.RE is None or self.RE.state == "idle":
+                self._restore_pending = False  # nothing to resume: no post-plan will run
             logger.warning("IOC %s is back; resuming", getattr(self.device, "name", "?"))
 
     def _should_suspend(self, value) -> bool:
@@ -254,6 +371,7 @@ class IOCSuspender(SuspenderBase):
             yield from bps.mv(*args)
         else:
             yield from bps.null()
+        self._restore_pending = False
 
 
 def install_ioc_suspenders(RE, devices: Iterable, **kwargs) -> list[IOCSuspender]:
@@ -359,19 +477,25 @@ def check_frame(frame: Any, *, shape: tuple[int, ...] | None = None,
                              detail=f"{n_bad} pixel(s) NaN, inf or negative: expected counts >= 0"),
                 previous_digest)
     digest = _digest(a)
+    same = (previous_digest is not None and digest == previous_digest
+            and float(a.sum(dtype=np.float64)) >= min_repeat_counts)
     if counter is not None and previous_counter is not None:
         step = int(counter) - int(previous_counter)
         if step <= 0:
             return (FrameVerdict("repeated", False,
                                  detail=f"frame counter {counter} did not advance from "
                                         f"{previous_counter}"), previous_digest)
+        if same:
+            return (FrameVerdict("repeated", False, n_dropped=step - 1,
+                                 detail="frame identical to the previous one although the "
+                                        f"counter advanced {previous_counter} -> {counter}"),
+                    previous_digest)
         if step > 1:
             return (FrameVerdict("dropped", True, n_dropped=step - 1,
                                  detail=f"frame counter jumped {previous_counter} -> {counter}: "
                                         f"{step - 1} frame(s) missing"), digest)
         return FrameVerdict("ok", True), digest
-    if previous_digest is not None and digest == previous_digest and \
-            float(a.sum(dtype=np.float64)) >= min_repeat_counts:
+    if same:
         return (FrameVerdict("repeated", False,
                              detail="frame identical to the previous one"), previous_digest)
     return FrameVerdict("ok", True), digest
@@ -448,7 +572,7 @@ class FrameQualityMonitor(DerivedStreamRouter):
                                       min_repeat_counts=self.min_repeat_counts)
         if verdict.accepted:
             self._prev_digest = digest
-        if counter is not None and verdict.flag != "repeated":
+        if counter is not None and (self._prev_counter is None or counter > self._prev_counter):
             # a rejected frame still arrived: only a gap in the counter means frames are missing
             self._prev_counter = counter
         self.counts[verdict.flag] += 1

@@ -54,7 +54,11 @@ def analysis_chain(writer, *, png_dir: str | os.PathLike | None = None):
     """The document path of a session: analysis routers in front of the Tiled writer.
 
     Each router forwards every document unchanged and writes its derived stream into
-    the same run, before the stop document reaches the writer.
+    the same run, before the stop document reaches the writer:
+    ``TenDqEstimator -> FrameQualityMonitor -> LiveKDE -> writer``.
+    :class:`~smartbeam.faults.FrameQualityMonitor` writes a ``frame_quality`` stream (one
+    flag per frame, rules in :mod:`smartbeam.faults`) for every run with a 2-D image;
+    LiveKDE applies the same rules before summing (repeated frames are not summed).
 
     Parameters
     ----------
@@ -65,7 +69,10 @@ def analysis_chain(writer, *, png_dir: str | os.PathLike | None = None):
     """
     from .callbacks.live_kde import LiveKDE
     from .callbacks.tendq import TenDqEstimator
+    from .faults import FrameQualityMonitor
 
     # LiveKDE is inert for runs without a 2-D image or with md {"kde": False};
+    # FrameQualityMonitor for runs without a 2-D image;
     # TenDqEstimator for runs without a ``tendq`` entry in the start document.
-    return TenDqEstimator(downstream=LiveKDE(png_path=png_dir or ".", downstream=writer))
+    kde = LiveKDE(png_path=png_dir or ".", downstream=writer)
+    return TenDqEstimator(downstream=FrameQualityMonitor(downstream=kde))

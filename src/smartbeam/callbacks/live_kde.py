@@ -6,6 +6,10 @@ row is written: smoothed frame, variance map, bandwidths per band, exposures so 
 cross-validated relative error and the predicted total time to reach the target. A bad
 frame (wrong shape, NaN/inf/negative counts, an external-resource reference) becomes a row
 with ``error`` set; the raw documents are always forwarded and the scan never stops.
+A repeated frame (the detector sent the previous frame again: its counter did not
+advance, or the content is bit-identical; the rule of :func:`smartbeam.faults.check_frame`)
+is left out of the sum and counted (``n_repeated`` in every row), as are frames the
+counter says never arrived (``n_missing``).
 
 It is meant to sit permanently in the session's document chain: without a mask or beam
 centre of its own it takes them from each run's start document (``beam_centre``,
@@ -96,7 +100,9 @@ class LiveKDE(DerivedStreamRouter):
     reach the target, from that model pooled over the run's rows; see
     :meth:`smartbeam.analysis.kde_stream.StreamingKDE.predicted_time`),
     ``target_rel_error``, ``kernel``,
-    ``beam_centre_source``, ``error``, and ``cv_speedup_half`` /
+    ``beam_centre_source``, ``error``, ``n_repeated`` (frames skipped as repeats of the
+    previous one, not summed), ``n_missing`` (frames the detector's counter says never
+    arrived), and ``cv_speedup_half`` /
     ``raw_equivalent_exposures`` (= speed-up x exposures). The speed-up is the
     cross-validated chi^2-MSE ratio raw / smoothed measured on the thinned *half* of the
     counts; it is a difference of noisy sums and usually falls with counts, so treat
@@ -156,8 +162,12 @@ class LiveKDE(DerivedStreamRouter):
         self.active = False
         self._start: dict = {}
         self._geometries: dict = {}
-        self._descriptors: dict[str, tuple[str, float]] = {}
+        self._descriptors: dict[str, tuple[str, float, str | None]] = {}
         self._since_emit = 0
+        self.n_repeated = 0
+        self.n_missing = 0
+        self._prev_counter: int | None = None
+        self._prev_digest: bytes | None = None
         self._n_rows = 0
         self._bad_shape: tuple[int, int] | None = None
         self._fig = None
@@ -183,6 +193,10 @@ class LiveKDE(DerivedStreamRouter):
         self._since_emit = 0
         self._n_rows = 0
         self._bad_shape = None
+        self.n_repeated = 0
+        self.n_missing = 0
+        self._prev_counter = None
+        self._prev_digest = None
         return doc
 
     def _geometry_for(self, shape: tuple[int, int]) -> Geometry:
@@ -237,7 +251,8 @@ class LiveKDE(DerivedStreamRouter):
             for k, v in (obj.get("data") or {}).items():
                 if k.endswith("acquire_time"):
                     exposure = float(v)
-        self._descriptors[doc["uid"]] = (key, exposure)
+        ckey = next((k for k in keys if k.endswith("array_counter")), None)
+        self._descriptors[doc["uid"]] = (key, exposure, ckey)
         if self.stream is None:
             try:
                 self.geometry = self._geometry_for(shape)
@@ -251,13 +266,16 @@ class LiveKDE(DerivedStreamRouter):
     def event(self, doc):
         if doc["descriptor"] not in self._descriptors or self.stream is None:
             return doc
-        key, exposure = self._descriptors[doc["descriptor"]]
+        key, exposure, ckey = self._descriptors[doc["descriptor"]]
         frame = doc["data"].get(key)
         try:
             if frame is None or isinstance(frame, str) or doc.get("filled", {}).get(key) is False:
                 raise SmartbeamInputError(f"event {doc.get('seq_num')}: {key!r} is an external "
                                           "resource reference: expected the frame in the event")
-            self.stream.add(np.asarray(frame), exposure)
+            frame = np.asarray(frame)
+            if self._repeated(frame, doc["data"].get(ckey) if ckey else None, doc):
+                return doc
+            self.stream.add(frame, exposure)
         except SmartbeamInputError as exc:
             self._flag(str(exc))
             return doc
@@ -270,6 +288,32 @@ class LiveKDE(DerivedStreamRouter):
         for ev in unpack_event_page(doc):
             self.event(ev)
         return doc
+
+    def _repeated(self, frame: np.ndarray, counter, doc: dict) -> bool:
+        """Apply the repeated/dropped rules of :func:`smartbeam.faults.check_frame`; True
+        means: skip the frame (counted in ``n_repeated``). Bad values and shapes are left
+        to the smoothing's own checks, which flag them."""
+        # imported here: smartbeam.faults imports this package (callbacks.derived)
+        from smartbeam.faults import check_frame
+
+        try:
+            counter = int(counter) if counter is not None and np.isfinite(counter) else None
+        except (TypeError, ValueError):
+            counter = None
+        verdict, digest = check_frame(frame, counter=counter,
+                                      previous_counter=self._prev_counter,
+                                      previous_digest=self._prev_digest)
+        if counter is not None and (self._prev_counter is None or counter > self._prev_counter):
+            self._prev_counter = counter
+        self.n_missing += verdict.n_dropped
+        if verdict.flag == "repeated":
+            self.n_repeated += 1
+            logger.warning("LiveKDE: frame %s not summed: %s", doc.get("seq_num"),
+                           verdict.detail)
+            return True
+        if verdict.accepted:
+            self._prev_digest = digest
+        return False
 
     def finalize(self, stop_doc: dict) -> None:
         if self.stream is not None and self._since_emit > 0:
@@ -315,7 +359,9 @@ class LiveKDE(DerivedStreamRouter):
                 "exposure_s": float(s.exposure if s else 0.0), "cv_rel_error": rel,
                 "predicted_time_s": pred, "target_rel_error": self.target_rel_error,
                 "cv_speedup_half": speedup, "raw_equivalent_exposures": speedup * n,
-                "kernel": desc, "beam_centre_source": self.geometry_note, "error": error}
+                "kernel": desc, "beam_centre_source": self.geometry_note,
+                "n_repeated": np.int64(self.n_repeated), "n_missing": np.int64(self.n_missing),
+                "error": error}
 
     def _dims(self) -> dict:
         img = (f"{self.stream_name}_y", f"{self.stream_name}_x")

@@ -5,6 +5,11 @@ point spectroscopy without sum rules: a GP of one reading key along one motor, t
 position chosen to reduce the integrated posterior variance (or the variance of the
 area) the most, a stopping rule on the posterior sd, hyperparameter refits off the
 critical path. Every decision is written to a ``decisions`` stream of the same run.
+
+Each point is a checkpointed unit (move, count, checkpoint after the save) and the GP is
+told the values of the event actually emitted, so a suspension (IOC lost) rewinds and
+replays only the interrupted point and the GP's points are the stored points (see
+:mod:`smartbeam.plans.xmcd`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from bluesky.protocols import Movable, Readable
 
 from ..analysis.acquisition import SPECTRUM_TARGETS, AdaptiveSpectrum, CostModel, StoppingRule
 from ..errors import SmartbeamInputError
-from .xmcd import DetectorNaNError, _StreamSignals
+from .xmcd import DetectorNaNError, StoredReadings, _StreamSignals, _tapped
 
 __all__ = ["gp_adaptive_scan"]
 
@@ -142,6 +147,7 @@ def gp_adaptive_scan(detectors: Sequence[Readable], motor: Movable, start: float
                "rms_sd": 0.0, "range": 0.0, "length": 0.0, "amplitude": 0.0, "refit": False,
                "refit_pending": False, "latency_ms": 0.0, "stop_reason": ""}
     decisions = _StreamSignals("decision_", example)
+    tap = StoredReadings("primary")
     motor_name = getattr(motor, "name", str(motor))
     _md = {"plan_name": "gp_adaptive_scan", "motors": [motor_name],
            "detectors": [getattr(d, "name", str(d)) for d in detectors],
@@ -153,10 +159,15 @@ def gp_adaptive_scan(detectors: Sequence[Readable], motor: Movable, start: float
     _md.update(md or {})
 
     def measure(x):
-        yield from bps.mv(motor, float(x))
         for _attempt in range(2):
+            # a suspension rewinds to here: the move is replayed with the count
+            yield from bps.checkpoint()
+            yield from bps.mv(motor, float(x))
+            before = tap.n_events
             reading = yield from bps.trigger_and_read(detectors + [motor], name="primary")
-            y = float(reading[key]["value"])
+            yield from bps.checkpoint()
+            data = tap.take(before, {k: v["value"] for k, v in (reading or {}).items()})
+            y = float(data.get(key, np.nan))
             if np.isfinite(y):
                 scanner.tell(float(x), y, _variance(y, noise))
                 return
@@ -188,4 +199,4 @@ def gp_adaptive_scan(detectors: Sequence[Readable], motor: Movable, start: float
             current = d.energy
             yield from measure(current)
 
-    return (yield from inner())
+    return (yield from _tapped(inner(), tap))

@@ -22,7 +22,7 @@ from ..analysis.acquisition import STRATEGIES, TARGETS, AdaptiveXMCD, CostModel,
 from ..analysis.sumrules import sum_rules
 from ..errors import SmartbeamError, SmartbeamInputError
 
-__all__ = ["DetectorNaNError", "xmcd_adaptive_scan", "xmcd_dense_scan"]
+__all__ = ["DetectorNaNError", "StoredReadings", "xmcd_adaptive_scan", "xmcd_dense_scan"]
 
 POLARISATION_MODES = ("circ+", "circ-", "linear")
 
@@ -58,27 +58,101 @@ def _validate_common(endstation, e_min, e_max, dwell, n_h, polarisations):
     return pols
 
 
-def _mu_from(reading: dict, endstation) -> tuple[float, float]:
-    """mu = tey / i0 and its Poisson variance from one reading."""
-    i0 = float(reading[endstation.i0.name]["value"])
-    tey = float(reading[endstation.tey.name]["value"])
+def _mu_from(data: dict, endstation) -> tuple[float, float]:
+    """mu = tey / i0 and its Poisson variance from one event's data."""
+    i0 = float(data.get(endstation.i0.name, np.nan))
+    tey = float(data.get(endstation.tey.name, np.nan))
     if not (np.isfinite(i0) and np.isfinite(tey)) or i0 <= 0:
         return float("nan"), float("nan")
     mu = tey / i0
     return mu, mu**2 * (1.0 / max(tey, 1.0) + 1.0 / i0)
 
 
-def _measure_pair(endstation, energy, order):
-    """Move, then count both helicities in ``order``; one re-measure on NaN."""
-    # A suspension (IOC lost) rewinds to here: the pair is measured again, whole.
+class StoredReadings:
+    """Document callback keeping the data of the last event emitted in one stream.
+
+    After a suspension the RunEngine replays the messages since the last checkpoint and
+    the plan never sees the replayed ``read`` results (it gets ``None`` for the message
+    that was interrupted); the emitted event is what is stored. Plans subscribe this
+    (see :func:`_tapped`) and use :meth:`take` instead of ``trigger_and_read``'s return.
+
+    Parameters
+    ----------
+    stream
+        Name of the stream to follow.
+    """
+
+    def __init__(self, stream: str = "primary") -> None:
+        self.stream = stream
+        self._descriptors: set[str] = set()
+        self.n_events = 0
+        self.last: dict[str, Any] | None = None
+
+    def __call__(self, name: str, doc: dict) -> None:
+        if name == "descriptor" and doc.get("name") == self.stream:
+            self._descriptors.add(doc["uid"])
+        elif name == "event" and doc.get("descriptor") in self._descriptors:
+            self.n_events += 1
+            self.last = dict(doc["data"])
+        elif name == "event_page" and doc.get("descriptor") in self._descriptors:
+            n = len(doc.get("seq_num", []))
+            if n:
+                self.n_events += n
+                self.last = {k: v[-1] for k, v in doc["data"].items()}
+
+    def take(self, since: int, fallback: dict[str, Any]) -> dict[str, Any]:
+        """Data of the last event if one was emitted after the count ``since``, else
+        ``fallback`` (the plan's own reading: nothing subscribed, e.g. a dry run).
+
+        Parameters
+        ----------
+        since
+            :attr:`n_events` before the measurement.
+        fallback
+            ``{key: value}`` from the plan's reading.
+        """
+        if self.n_events > since and self.last is not None:
+            return self.last
+        return fallback
+
+
+def _tapped(plan, tap: StoredReadings):
+    """Run ``plan`` with ``tap`` subscribed to the RunEngine's documents.
+
+    Parameters
+    ----------
+    plan
+        The plan (generator) to wrap; subscribe before it opens its run.
+    tap
+        The callback that records emitted events.
+    """
+    token = yield from bps.subscribe("all", tap)
+    return (yield from bpp.finalize_wrapper(plan, bps.unsubscribe(token)))
+
+
+def _measure_one(endstation, energy, mode, tap: StoredReadings):
+    """One helicity at one energy as a checkpointed unit; returns the stored event's data.
+
+    A suspension rewinds to the first checkpoint and replays the move of energy and
+    polarisation too (a restarted IOC comes up at its defaults); the checkpoint after
+    the count means the saved event is never replayed.
+    """
     yield from bps.checkpoint()
     yield from bps.mv(endstation.energy, energy)
+    yield from bps.mv(endstation.pol.mode, mode)
+    before = tap.n_events
+    reading = yield from bps.trigger_and_read([endstation], name="primary")
+    yield from bps.checkpoint()
+    return tap.take(before, {k: v["value"] for k, v in (reading or {}).items()})
+
+
+def _measure_pair(endstation, energy, order, tap: StoredReadings):
+    """Count both helicities in ``order`` at ``energy``; one re-measure on NaN."""
     out = {}
     for mode in order:
-        yield from bps.mv(endstation.pol.mode, mode)
         for _attempt in range(2):
-            reading = yield from bps.trigger_and_read([endstation], name="primary")
-            mu, var = _mu_from(reading, endstation)
+            data = yield from _measure_one(endstation, energy, mode, tap)
+            mu, var = _mu_from(data, endstation)
             if np.isfinite(mu):
                 break
         out[mode] = (mu, var)
@@ -95,6 +169,8 @@ class _StreamSignals:
         for k, v in values.items():
             self.signals[k].put(v)
         yield from bps.trigger_and_read(list(self.signals.values()), name=stream)
+        # a later suspension must not replay (repeat) this row
+        yield from bps.checkpoint()
 
 
 def _moments_row(m: dict, n_points: int, dwell_total: float, reason: str) -> dict:
@@ -190,6 +266,7 @@ def xmcd_adaptive_scan(endstation: Readable, e_min: float, e_max: float, *,
                    "d_warp": 0.0, "e_l3": 0.0, "e_l2": 0.0, "stop_reason": ""}
     decisions = _StreamSignals("decision_", dec_example)
     moments = _StreamSignals("moments_", _moments_row({}, 0, 0.0, ""))
+    tap = StoredReadings("primary")
     _md = {"plan_name": "xmcd_adaptive_scan", "motors": [endstation.energy.name],
            "plan_args": {"e_min": e_min, "e_max": e_max, "edges": edges, "n_h": n_h, "tol": tol,
                          "atol": atol, "max_points": max_points, "n_init": n_init,
@@ -231,7 +308,7 @@ def xmcd_adaptive_scan(endstation: Readable, e_min: float, e_max: float, *,
                                  "moments")
 
     def _measure_into(e, order):
-        res = yield from _measure_pair(endstation, float(e), order)
+        res = yield from _measure_pair(endstation, float(e), order, tap)
         (mp, vp), (mm, vm) = res["circ+"], res["circ-"]
         if not (np.isfinite(mp) and np.isfinite(mm)):
             reason = f"detector returned NaN twice at {float(e):.3f} eV"
@@ -249,7 +326,7 @@ def xmcd_adaptive_scan(endstation: Readable, e_min: float, e_max: float, *,
 
     # A refit still in flight when the scan ends is a daemon thread working on its own
     # copy of the model: it finishes (bounded by WarpedGP.max_fit_points) and is dropped.
-    return (yield from inner())
+    return (yield from _tapped(inner(), tap))
 
 
 def xmcd_dense_scan(endstation: Readable, e_min: float, e_max: float, *, num: int = 201,
@@ -281,6 +358,7 @@ def xmcd_dense_scan(endstation: Readable, e_min: float, e_max: float, *, num: in
     if not isinstance(num, int) or num < 5:
         raise SmartbeamInputError(f"num={num!r}: expected an integer >= 5")
     moments = _StreamSignals("moments_", _moments_row({}, 0, 0.0, ""))
+    tap = StoredReadings("primary")
     grid = np.linspace(e_min, e_max, num)
     _md = {"plan_name": "xmcd_dense_scan", "motors": [endstation.energy.name],
            "plan_args": {"e_min": e_min, "e_max": e_max, "num": num, "dwell": dwell,
@@ -295,7 +373,7 @@ def xmcd_dense_scan(endstation: Readable, e_min: float, e_max: float, *, num: in
         order = list(pols)
         mp, mm = [], []
         for e in grid:
-            res = yield from _measure_pair(endstation, float(e), order)
+            res = yield from _measure_pair(endstation, float(e), order, tap)
             order.reverse()
             mp.append(res["circ+"][0])
             mm.append(res["circ-"][0])
@@ -312,4 +390,4 @@ def xmcd_dense_scan(endstation: Readable, e_min: float, e_max: float, *, num: in
         yield from moments.write(_moments_row(m, int(ok.sum()), 2 * dwell * num, reason),
                                  "moments")
 
-    return (yield from inner())
+    return (yield from _tapped(inner(), tap))
