@@ -78,7 +78,12 @@ def _fused_add():
                     a[j] -= f[j]
             return status, stop
 
-        _fused = add_checked
+        try:  # compile (or load from the disk cache) now, and check it once
+            acc = np.zeros((2, 2), np.int32)
+            ok = add_checked(acc, np.full((2, 2), 3, np.int32), _INT32_MAX) == (0, 0)
+            _fused = add_checked if ok and acc.sum() == 12 else False
+        except Exception:  # pragma: no cover - e.g. no writable cache: use numpy
+            _fused = False
     return _fused or None
 
 

@@ -178,25 +178,48 @@ def _real(paths, n_scans, reps, rng) -> list[dict]:
     return cases
 
 
-def _median_ms(fn, repeat: int) -> float:
-    t = []
+def _median_ms(fn, repeat: int, cpu: dict | None = None, key: str | None = None) -> float:
+    """Median wall-clock ms of ``fn``; with ``cpu``, also its median thread CPU ms there.
+
+    The machine is shared: wall time includes waiting for a core, thread CPU time does
+    not (it still includes memory stalls from other processes), so both are reported.
+    """
+    t, c = [], []
     for _ in range(repeat):
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         fn()
         t.append((time.perf_counter() - t0) * 1e3)
+        c.append((time.thread_time() - c0) * 1e3)
+    if cpu is not None:
+        cpu[key] = float(np.median(c))
     return float(np.median(t))
 
 
 def _throughput(quick: bool, rng: np.random.Generator) -> dict:
+    from smartbeam.analysis import kde_stream
+
     out = {"load_avg_1min_at_start": float(os.getloadavg()[0])}
+    cpu: dict[str, float] = {}
+    out["accumulate_path"] = ("numba fused check-and-add" if kde_stream._fused_add()
+                              else "numpy min/max + add")
     f2048 = rng.poisson(0.5, (2048, 2048)).astype(np.int32)
+    n_acc = 20 if quick else 60
     for check in (True, False):
         acc = FrameAccumulator(check=check)
-        ms = _median_ms(lambda acc=acc: acc.add(f2048), 20 if quick else 60)
-        out["accumulate_fps_2048" + ("" if check else "_unchecked")] = 1e3 / ms
+        acc.add(f2048)  # allocates the sum (and compiles the kernel once)
+        key = "accumulate_fps_2048" + ("" if check else "_unchecked")
+        out[key] = 1e3 / _median_ms(lambda acc=acc: acc.add(f2048), n_acc, cpu, key)
+    acc = FrameAccumulator()
+    f16 = f2048.astype(np.uint16)
+    acc.add(f16)
+    out["accumulate_fps_2048_uint16"] = 1e3 / _median_ms(lambda: acc.add(f16), n_acc, cpu,
+                                                         "accumulate_fps_2048_uint16")
     f128 = rng.poisson(0.5, (128, 128)).astype(np.int32)
     acc = FrameAccumulator()
-    out["fps_128"] = 1e3 / _median_ms(lambda: acc.add(f128), 200 if quick else 2000)
+    acc.add(f128)
+    out["fps_128"] = 1e3 / _median_ms(lambda: acc.add(f128), 200 if quick else 2000, cpu,
+                                      "fps_128")
 
     def geom(n):
         yy, xx = np.mgrid[0:n, 0:n]
@@ -206,36 +229,52 @@ def _throughput(quick: bool, rng: np.random.Generator) -> dict:
     g2048 = geom(2048)
     # what an emit smooths: the int32 running sum of the accumulator
     x2048 = rng.poisson(2.0, (2048, 2048)).astype(np.int32)
-    rep = 5 if quick else 11
+    rep = 7 if quick else 21
     for sigma in (1.0, 4.0):
         smooth(x2048, g2048, Kernel.iso(sigma))  # first call builds the cached normaliser
-        out[f"smooth_ms_2048_iso{sigma:g}"] = _median_ms(
-            lambda s=sigma: smooth(x2048, g2048, Kernel.iso(s)), rep)
+        key = f"smooth_ms_2048_iso{sigma:g}"
+        out[key] = _median_ms(lambda s=sigma: smooth(x2048, g2048, Kernel.iso(s)), rep, cpu,
+                              key)
         out[f"smooth_ms_2048_iso{sigma:g}_scipy_f64"] = _median_ms(
             lambda s=sigma: smooth(x2048, g2048, Kernel.iso(s), backend="scipy"), 3)
     smooth(x2048, g2048, Kernel.ring(1.0, 8.0))
     out["smooth_ms_2048_ring"] = _median_ms(
-        lambda: smooth(x2048, g2048, Kernel.ring(1.0, 8.0)), 3)
+        lambda: smooth(x2048, g2048, Kernel.ring(1.0, 8.0)), 3, cpu, "smooth_ms_2048_ring")
     out["smooth_ms_2048"] = out["smooth_ms_2048_iso1"]
     iso1 = [Kernel.iso(1.0)] * g2048.n_bands
-    out["emit_ms_2048_iso1_with_variance"] = _median_ms(
-        lambda: apply_kernels(x2048, g2048, iso1), rep)
-    mixed = [Kernel.iso(1.0)] * 4 + [Kernel.ring(1.0, 20.0)] * (g2048.n_bands - 4)
-    apply_kernels(x2048, g2048, mixed, variance=False)
+    apply_kernels(x2048, g2048, iso1)
     for var in (False, True):
-        out["emit_ms_2048_mixed" + ("_with_variance" if var else "")] = _median_ms(
-            lambda v=var: apply_kernels(x2048, g2048, mixed, variance=v), 3)
+        key = "emit_ms_2048_iso1" + ("_with_variance" if var else "")
+        out[key] = _median_ms(lambda v=var: apply_kernels(x2048, g2048, iso1, variance=v),
+                              rep, cpu, key)
+    mixed = [Kernel.iso(1.0)] * 4 + [Kernel.ring(1.0, 20.0)] * (g2048.n_bands - 4)
+    apply_kernels(x2048, g2048, mixed)
+    for var in (False, True):
+        key = "emit_ms_2048_mixed" + ("_with_variance" if var else "")
+        out[key] = _median_ms(lambda v=var: apply_kernels(x2048, g2048, mixed, variance=v),
+                              3, cpu, key)
     g1024 = geom(1024)
     x1024 = rng.poisson(2.0, (1024, 1024))
-    select_bandwidths(x1024, g1024, rng=rng, n_splits=1)  # builds the cached normalisers
-    out["select_ms_1024"] = _median_ms(
-        lambda: select_bandwidths(x1024, g1024, rng=rng, n_splits=1), 3)
+    out["select_ms_1024_first_call"] = _median_ms(
+        lambda: select_bandwidths(x1024, g1024, rng=rng, n_splits=1), 1)
+    for search in ("auto", "full"):
+        key = "select_ms_1024" + ("" if search == "auto" else "_full_search")
+        select_bandwidths(x1024, g1024, rng=rng, search=search)
+        out[key] = _median_ms(
+            lambda s=search: select_bandwidths(x1024, g1024, rng=rng, search=s), 3, cpu, key)
     out["select_n_candidates"] = len(DEFAULT_CANDIDATES)
+    sel = select_bandwidths(x1024, g1024, rng=rng)
+    out["select_n_scored_coarse_to_fine"] = int((sel.cv_score[:, 0] < 1e29).sum())
     iso_only = [Kernel.iso(s) for s in (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)]
     out["select_ms_1024_iso_only_6"] = _median_ms(
-        lambda: select_bandwidths(x1024, g1024, rng=rng, n_splits=1, candidates=iso_only), 3)
-    out["select_ms_1024_first_call"] = _median_ms(
-        lambda: select_bandwidths(x1024, geom(1024), rng=rng, n_splits=1), 1)
+        lambda: select_bandwidths(x1024, g1024, rng=rng, n_splits=1, candidates=iso_only), 3,
+        cpu, "select_ms_1024_iso_only_6")
+    out["thread_cpu_ms_medians"] = {k: (1e3 / v if k.startswith(("accumulate", "fps")) else v)
+                                    for k, v in cpu.items()}
+    out["thread_cpu_note"] = ("same figures from thread CPU time (frames/s for accumulate_* "
+                              "and fps_*, ms otherwise): time this thread ran, without "
+                              "waiting for a core on the shared machine")
+    out["load_avg_1min_at_end"] = float(os.getloadavg()[0])
     return out
 
 
