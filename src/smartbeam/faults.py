@@ -120,7 +120,7 @@ def _guarded(RE, command):
             if msg.obj is not None:
                 suspenders = [s for s in suspenders if _root(s.device) is _root(msg.obj)]
             for susp in suspenders:
-                if susp.fault_now(exc):
+                if susp.fault_now(exc, msg.obj):
                     await susp.suspend_or_raise(msg, exc)
             raise
     return guarded
@@ -225,19 +225,28 @@ class IOCSuspender(SuspenderBase):
     def _live_disconnected(self) -> set[str]:
         return {s.pvname for s in self.signals if not getattr(s, "connected", True)}
 
-    def fault_now(self, exc: BaseException | None = None) -> bool:
+    def fault_now(self, exc: BaseException | None = None, obj=None) -> bool:
         """Whether the IOC is faulty right now (used when a device command failed).
 
         Any watched PV disconnected, or ``exc`` is a timeout / lost-connection error of a
         watched device: the suspender's state is updated at once, without waiting for
         the next probe.
+
+        Parameters
+        ----------
+        exc
+            The exception the command raised.
+        obj
+            The object of the failed command (its PVs are named in the reason).
         """
         disconnected = self._live_disconnected()
         if disconnected:
             self._disconnected |= disconnected
             return True
         if exc is not None and _is_connection_error(exc):
-            self._stalled = (f"{self.probe.pvname}: a command on {self._name()!r} failed "
+            pvs = sorted(sig.pvname for sig in _epics_signals(obj)) if obj is not None else []
+            shown = ", ".join(pvs[:4]) + (f" and {len(pvs) - 4} more" if len(pvs) > 4 else "")
+            self._stalled = (f"{shown or self.probe.pvname} did not answer "
                              f"({type(exc).__name__}: {exc})")
             return True
         return False

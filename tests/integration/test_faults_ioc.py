@@ -175,3 +175,38 @@ def test_adaptive_xmcd_scan_resumes_with_gp_state_after_ioc_kill(xmcd_ioc, stora
     for key in ("m_orb", "m_spin"):
         sd = np.hypot(moments[f"moments_{key}_sd"], ref[f"moments_{key}_sd"])
         assert abs(moments[f"moments_{key}"] - ref[f"moments_{key}"]) < 3 * sd, key
+
+
+@pytest.mark.slow
+def test_ioc_fault_without_checkpoint_fails_naming_pv_and_ioc(xmcd_ioc):
+    """A plan that cannot be rewound (``clear_checkpoint``) gets a clear error instead of
+    ophyd's ``DisconnectedError`` naming only the signal."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from bluesky import Msg
+    from ophyd.utils.errors import DisconnectedError
+
+    from smartbeam.faults import IOCFaultError, _guarded
+
+    proc, xmcd = xmcd_ioc
+    susp = IOCSuspender(xmcd, period=0.3, timeout=0.5)
+    fake_re = SimpleNamespace(suspenders=(susp,), resumable=False)
+    susp.RE = fake_re
+
+    async def dead_read(msg):
+        raise DisconnectedError(f"{msg.obj.name} is not connected")
+
+    guarded = _guarded(fake_re, dead_read)
+    with pytest.raises(IOCFaultError) as info:
+        asyncio.run(guarded(Msg("read", xmcd.tey)))
+    text = str(info.value)
+    assert xmcd.tey.pvname in text and proc.prefix in text and "'xmcd'" in text
+    assert "no checkpoint" in text and "EPICS_CA_ADDR_LIST" in text
+    assert isinstance(info.value.__cause__, DisconnectedError)
+
+    async def limit_error(msg):  # not a connection problem: passes through unchanged
+        raise ValueError("outside the limits")
+
+    with pytest.raises(ValueError, match="outside the limits"):
+        asyncio.run(_guarded(fake_re, limit_error)(Msg("set", xmcd.energy, 1e6)))
