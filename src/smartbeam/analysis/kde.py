@@ -952,7 +952,8 @@ def apply_kernels(counts: np.ndarray, geometry: Geometry, kernels: Sequence[Kern
         # one kernel everywhere: the whole frame, no per-band copies
         f = geometry.iso_filter(regions[0][0].sigma_q)
         out = f.apply(masked)
-        var = f.variance(geometry.masked32(np.maximum(out, 0.0), slot=1)) if variance else None
+        # the estimate is already 0 outside the mask: it is its own masked density
+        var = f.variance(np.maximum(out, 0.0)) if variance else None
         return out, var
     out = np.zeros(geometry.shape, np.float32)
     var = np.zeros(geometry.shape, np.float32) if variance else None
