@@ -19,6 +19,14 @@ IOC faults
     plan. When the plan cannot be rewound (no checkpoint yet) the command fails with
     :class:`IOCFaultError`, which names the PVs and the IOC (prefix, CA address list).
 
+    A replay must never save an event twice (each point is in Tiled once): with the
+    suspenders installed, every ``save`` also acts as a checkpoint. A suspension request
+    travels through two event-loop hops and lands one or two messages later, often just
+    after a ``save`` and before the plan's next checkpoint; bluesky would then replay the
+    saved reading as a second event with the same ``seq_num``. Plans that need a state
+    (a position) re-established for each reading re-issue it after their checkpoint (as
+    the smartbeam plans do); bluesky's step plans save once per checkpoint anyway.
+
 Bad detector frames
     :func:`check_frame` applies the rules below to one frame; :class:`FrameQualityMonitor`
     applies them to a run and writes a ``frame_quality`` stream (one row per frame) into
@@ -69,6 +77,7 @@ __all__ = [
     "IOCFaultError",
     "IOCSuspender",
     "check_frame",
+    "guard_run_engine",
     "install_ioc_suspenders",
 ]
 
@@ -100,15 +109,38 @@ def _root(obj):
     return getattr(obj, "root", obj)
 
 
-def _guard_commands(RE) -> None:
-    """Wrap the device commands of ``RE`` once so that IOC faults become suspensions."""
+def guard_run_engine(RE) -> None:
+    """Make ``RE`` safe for IOC suspensions (idempotent; done by :class:`IOCSuspender`).
+
+    Wraps the device commands (:data:`GUARDED_COMMANDS`) so that a connection failure on
+    a device watched by an installed :class:`IOCSuspender` becomes a suspension (or an
+    :class:`IOCFaultError`), and makes every ``save`` a checkpoint so that a rewind never
+    replays an event already saved (see the module notes).
+
+    Parameters
+    ----------
+    RE
+        The RunEngine.
+    """
     if getattr(RE, "_smartbeam_ioc_guard", False):
         return
     # bluesky 1.15 has no public getter for a registered command; chain to whatever is there
     registry = RE._command_registry
     for name in GUARDED_COMMANDS:
         RE.register_command(name, _guarded(RE, registry[name]))
+    RE.register_command("save", _save_is_checkpoint(RE, registry["save"]))
     RE._smartbeam_ioc_guard = True
+
+
+def _save_is_checkpoint(RE, command):
+    async def save(msg):
+        ret = await command(msg)
+        # what the 'checkpoint' command does (bluesky 1.15 offers no public call): the
+        # rewind cache restarts after the saved event, so no replay repeats it
+        if RE.resumable:
+            RE._reset_checkpoint_state()
+        return ret
+    return save
 
 
 def _guarded(RE, command):
@@ -204,7 +236,7 @@ class IOCSuspender(SuspenderBase):
         """Watch connections and start the probe thread (called by ``RE.install_suspender``)."""
         with self._lock:
             self.RE = RE
-        _guard_commands(RE)
+        guard_run_engine(RE)
         for sig in self.signals:
             sig.subscribe(self._on_meta, event_type=sig.SUB_META, run=True)
         self._take_snapshot()

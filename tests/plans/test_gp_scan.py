@@ -123,3 +123,42 @@ def test_nan_twice_stops_with_clear_error_keeping_data(setup):
     assert [d for n, d in docs if n == "stop"][0]["exit_status"] == "fail"
     assert len(_stream(docs, "primary")) == 12  # 10 good points + the NaN and its repeat
     assert "NaN" in _stream(docs, "decisions")[-1]["decision_stop_reason"]
+
+
+def test_suspension_rewind_keeps_gp_points_equal_to_stored_points(setup, monkeypatch):
+    """A suspension mid-scan replays the interrupted point only; the GP was told exactly
+    the stored points and the decisions stream goes on."""
+    import asyncio
+
+    from smartbeam.analysis.acquisition import AdaptiveSpectrum
+    from smartbeam.faults import guard_run_engine
+    from smartbeam.plans import gp_scan as gp_plans
+
+    RE, docs, motor, det = setup
+    guard_run_engine(RE)  # what installing an IOCSuspender does
+    told = []
+
+    class Recording(AdaptiveSpectrum):
+        def tell(self, position, value, variance):
+            told.append((position, value))
+            return super().tell(position, value, variance)
+
+    monkeypatch.setattr(gp_plans, "AdaptiveSpectrum", Recording)
+    calls = {"n": 0}
+    real = det.trigger
+
+    def faulty():
+        calls["n"] += 1
+        if calls["n"] in (11, 15):  # in the adaptive phase, twice
+            RE.request_suspend(lambda: asyncio.sleep(0.05), justification="test: IOC lost")
+        return real()
+
+    monkeypatch.setattr(det, "trigger", faulty)
+    RE(gp_adaptive_scan([det], motor, -4.0, 4.0, key="det", tol=0.02, max_points=40,
+                        n_init=8, sync_refits=True))
+    assert [d for n, d in docs if n == "stop"][0]["exit_status"] == "success"
+    primary = _stream(docs, "primary")
+    assert calls["n"] > len(primary)  # the interrupted counts were replayed
+    np.testing.assert_array_equal([(r["motor"], r["det"]) for r in primary], told)
+    decisions = _stream(docs, "decisions")
+    assert [d["decision_n_points"] for d in decisions] == list(range(8, len(told) + 1))

@@ -133,3 +133,54 @@ def test_live_plot_callback_saves_png(setup, tmp_path):
     assert (tmp_path / "xmcd.png").stat().st_size > 10_000
     pred = plot.model.predict()
     assert np.all(pred["mu_sd"] > 0)
+
+
+@pytest.mark.parametrize("during", ["trigger", "read"])
+def test_suspension_rewind_keeps_gp_points_equal_to_stored_points(setup, monkeypatch, during):
+    """A suspension in the adaptive phase (as an IOCSuspender requests when the IOC dies)
+    rewinds to the last checkpoint and replays the interrupted helicity: every energy the
+    GP was told is stored exactly twice, with the values the GP got, and nothing else."""
+    import asyncio
+
+    from smartbeam.analysis.acquisition import AdaptiveXMCD
+    from smartbeam.faults import guard_run_engine
+    from smartbeam.plans import xmcd as xmcd_plans
+
+    RE, docs, st = setup
+    guard_run_engine(RE)  # what installing an IOCSuspender does
+    told = []
+
+    class Recording(AdaptiveXMCD):
+        def tell(self, energy, mu_plus, mu_minus, *a, **k):
+            told.append((energy, mu_plus, mu_minus))
+            return super().tell(energy, mu_plus, mu_minus, *a, **k)
+
+    monkeypatch.setattr(xmcd_plans, "AdaptiveXMCD", Recording)
+    calls = {"n": 0}
+    real = getattr(st, during)
+
+    def faulty(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 31:  # the 4th energy chosen by the GP
+            RE.request_suspend(lambda: asyncio.sleep(0.1), justification="test: IOC lost")
+        return real(*a, **k)
+
+    monkeypatch.setattr(st, during, faulty)
+    RE(xmcd_adaptive_scan(st, *FE.window, edges=[FE.e_l3, FE.e_l2], n_h=FE.n_h, tol=0.05,
+                          max_points=30, n_init=12, sync_refits=True))
+    assert [d for n, d in docs if n == "stop"][0]["exit_status"] == "success"
+    primary = _stream(docs, "primary")
+    n = _stream(docs, "moments")[0]["moments_n_points"]
+    assert len(told) == n and len(primary) == 2 * n
+    if during == "trigger":  # requested during the count: it lands before the save
+        assert calls["n"] > 2 * n  # the interrupted count was replayed
+    seq = [d["seq_num"] for nm, d in docs if nm == "event"
+           and d["descriptor"] == next(x["uid"] for m, x in docs
+                                       if m == "descriptor" and x["name"] == "primary")]
+    assert sorted(seq) == list(range(1, 2 * n + 1))
+    for energy, mu_plus, mu_minus in told:
+        rows = [r for r in primary if abs(r[st.energy.setpoint.name] - energy) < 1e-9]
+        got = {r[st.pol.mode.name]: r[st.tey.name] / r[st.i0.name] for r in rows}
+        assert len(rows) == 2 and got == pytest.approx({"circ+": mu_plus, "circ-": mu_minus})
+    dec = _stream(docs, "decisions")
+    assert [r["decision_n_points"] for r in dec] == list(range(12, n + 1))
