@@ -56,27 +56,25 @@ def _fused_add():
 
         @numba.njit(nogil=True, cache=True)
         def add_checked(acc, frame, limit):  # pragma: no cover - runs compiled
-            # status 0: added; 1: negative pixel; 2: sum would exceed ``limit``. On 1 or 2
-            # the pixels added so far are subtracted again (integers: exact), so the sum
-            # is unchanged.
+            # status 0: added; 1: negative pixel; 2: a sum exceeds ``limit``. On 1 or 2 the
+            # frame is subtracted again: integer adds and subtracts wrap modulo 2^32, so
+            # the sum is restored bit for bit. No early exit in the main loop, so that it
+            # vectorises (an early-exit loop measured ~50% slower).
             a = acc.reshape(-1)
             f = frame.reshape(-1)
-            status = 0
-            stop = 0
+            lo = np.int64(0)
+            hi = np.int64(0)
             for i in range(f.size):
                 v = np.int64(f[i])
-                if v < 0:
-                    status, stop = 1, i
-                    break
                 t = np.int64(a[i]) + v
-                if t > limit:
-                    status, stop = 2, i
-                    break
                 a[i] = t
-            if status:
-                for j in range(stop):
-                    a[j] -= f[j]
-            return status, stop
+                lo = min(lo, v)
+                hi = max(hi, t)
+            if lo < 0 or hi > limit:
+                for i in range(f.size):
+                    a[i] -= f[i]
+                return (1 if lo < 0 else 2), 0
+            return 0, 0
 
         try:  # compile (or load from the disk cache) now, and check it once
             acc = np.zeros((2, 2), np.int32)
