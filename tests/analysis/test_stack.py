@@ -74,7 +74,7 @@ def test_i0_constant_barely_changes_moments(sample):
 def test_adaptive_prefers_edges_and_stops_on_target(sample):
     rng = np.random.default_rng(5)
     cost = StackCost(n_pixels=N * N, n_lines=N, dwell=0.002)
-    ad = AdaptiveStack(695, 735, 3.39, cost, tol=0.3, max_energies=30, n_init=8,
+    ad = AdaptiveStack(695, 735, 3.39, cost, tol=0.3, max_energies=40, n_init=8,
                        edges=(707.8, 720.8))
     for e in ad.initial_design():
         ad.tell(e, *(c[0] for c in _stack(sample, [e], rng)))
@@ -91,10 +91,41 @@ def test_adaptive_prefers_edges_and_stops_on_target(sample):
         chosen.append(dec.energy)
         ad.tell(dec.energy, *(c[0] for c in _stack(sample, [dec.energy], rng)))
         dec = ad.ask(dec.energy)
-    assert "tol" in dec.reason and ad.n_energies < 30
+    assert "tol" in dec.reason and ad.n_energies < 40
     assert dec.rms_sd <= 0.3 * dec.rms_m_orb
     # Most chosen energies lie in the edge region.
     assert np.mean([704 < e < 725 for e in chosen]) > 0.5
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_sparse_stack_is_not_confidently_wrong(seed):
+    # The twin's field of the plan test (8 x 6 pixels of 60 nm, 2 ms dwell): before the
+    # fix these noise draws stopped on tol with m_orb ~ +0.16 +- 0.06 against a truth of
+    # -0.09 (white lines unsampled, edges located 1.6 eV off, a long fitted length).
+    from sim_devices.runner import xmcd_sample_from
+
+    twin = STXMSample(xmcd_sample_from(None))
+    x, y = 0.06 * np.arange(8), 0.06 * np.arange(6)
+    rows, cols = twin.pixel_index(*np.meshgrid(x, y))
+    truth = twin.true_moment_maps()["m_orb"][rows, cols]
+    rng = np.random.default_rng(seed)
+    ad = AdaptiveStack(695, 735, 3.39, StackCost(48, 6, 0.002), tol=0.5, max_energies=16,
+                       n_init=8, edges=(707.8, 720.8))
+
+    def tell(e):
+        ad.tell(e, twin.image(e, 1, 0.002, x, y, rng), twin.image(e, -1, 0.002, x, y, rng))
+
+    for e in ad.initial_design():
+        tell(e)
+    dec = ad.ask()
+    while not dec.stop:
+        tell(dec.energy)
+        dec = ad.ask(dec.energy)
+    m = ad.model.moments()
+    assert abs(m.e_l3 - 707.8) < 0.5 and abs(m.e_l2 - 720.8) < 0.5
+    # Whatever the stop reason, the map agrees with the truth within its stated sd.
+    assert np.mean(np.abs(m.m_orb - truth) <= 3 * m.m_orb_sd) > 0.8
+    assert abs(np.mean(m.m_orb) - np.mean(truth)) <= 3 * m.rms_sd
 
 
 def test_bad_input():

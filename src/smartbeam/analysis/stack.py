@@ -48,6 +48,7 @@ __all__ = [
     "StackMoments",
     "cluster_spectra",
     "grid_refit",
+    "hyper_mixture",
     "optical_density",
     "tendq_maps",
 ]
@@ -96,26 +97,9 @@ def grid_refit(gp: WarpedGP, x: np.ndarray, y: np.ndarray, noise_var: np.ndarray
     warps = gp.warp_grid if gp.centres else (0.0,)
 
     def best_of(cands):
-        # cands: list of (warp, length, amplitude); one batched Cholesky per warp value.
-        out = (-np.inf, None)
-        for a in sorted({c[0] for c in cands}):
-            sel = [c for c in cands if c[0] == a]
-            u = gp.warp_inputs(x, a)
-            r = np.abs(u[:, None] - u[None, :])
-            ks = np.stack([amp * _matern52_r(r, ln) for _, ln, amp in sel])
-            ks[:, np.arange(x.size), np.arange(x.size)] += alpha
-            try:
-                chol = np.linalg.cholesky(ks)
-            except np.linalg.LinAlgError:
-                continue
-            beta = np.linalg.solve(chol, np.broadcast_to(yn, (len(sel), x.size))[..., None])
-            lml = (-0.5 * np.sum(beta[..., 0] ** 2, axis=1)
-                   - np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
-                   - 0.5 * x.size * np.log(2 * np.pi))
-            i = int(np.argmax(lml))
-            if lml[i] > out[0]:
-                out = (float(lml[i]), sel[i])
-        return out
+        lml = _grid_lml(gp, x, yn, alpha, cands)
+        i = int(np.argmax(lml))
+        return (-np.inf, None) if not np.isfinite(lml[i]) else (float(lml[i]), cands[i])
 
     lengths = _LENGTHS[(_LENGTHS >= lo) & (_LENGTHS <= hi)]
     lml, best = best_of([(a, ln, amp) for a in warps for ln in lengths for amp in _AMPLITUDES])
@@ -131,6 +115,69 @@ def grid_refit(gp: WarpedGP, x: np.ndarray, y: np.ndarray, noise_var: np.ndarray
     gp.warp, gp.length, gp.amplitude = float(best[0]), float(best[1]), float(best[2])
     gp.y_mean, gp.y_scale, gp.log_marginal_likelihood = y_mean, y_scale, lml
     return gp.condition(x, y, nv)
+
+
+def _grid_lml(gp: WarpedGP, x: np.ndarray, yn: np.ndarray, alpha: np.ndarray,
+              cands: list[tuple[float, float, float]]) -> np.ndarray:
+    """Log marginal likelihood of each (warp, length, amplitude); -inf where singular.
+
+    One batched Cholesky per warp value (normalised data ``yn``, noise ``alpha``).
+    """
+    out = np.full(len(cands), -np.inf)
+    for a in sorted({c[0] for c in cands}):
+        idx = [i for i, c in enumerate(cands) if c[0] == a]
+        u = gp.warp_inputs(x, a)
+        r = np.abs(u[:, None] - u[None, :])
+        ks = np.stack([cands[i][2] * _matern52_r(r, cands[i][1]) for i in idx])
+        ks[:, np.arange(x.size), np.arange(x.size)] += alpha
+        try:
+            chol = np.linalg.cholesky(ks)
+        except np.linalg.LinAlgError:
+            continue
+        beta = np.linalg.solve(chol, np.broadcast_to(yn, (len(idx), x.size))[..., None])
+        out[idx] = (-0.5 * np.sum(beta[..., 0] ** 2, axis=1)
+                    - np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+                    - 0.5 * x.size * np.log(2 * np.pi))
+    return out
+
+
+def hyper_mixture(gp: WarpedGP, x: np.ndarray, y: np.ndarray, noise_var: np.ndarray, *,
+                  max_terms: int = 12, min_weight: float = 1e-3) -> list[tuple[float, ...]]:
+    """Posterior weights of the hyperparameter grid: (warp, length, amplitude, weight) list.
+
+    Few energies constrain the length scale and the warp poorly: a single most-likely
+    choice (a long length that glides over an unsampled white line) gives a posterior
+    sd far too small. Averaging the GP posterior over the grid, weighted by marginal
+    likelihood (flat prior on the log-spaced grid), keeps that uncertainty. The
+    ``max_terms`` heaviest points with weight >= ``min_weight`` x the largest are kept.
+
+    Parameters
+    ----------
+    gp
+        The model (``centres``, ``warp_grid`` and ``length_bounds`` are used); it is left
+        with the most likely hyperparameters and conditioned on the data.
+    x, y, noise_var
+        Inputs, values and known noise variances.
+
+    Returns
+    -------
+    list of tuple
+        ``(warp, length, amplitude, weight)``, weights summing to 1, heaviest first.
+    """
+    grid_refit(gp, x, y, noise_var)
+    x = np.asarray(x, dtype=float).ravel()
+    nv = np.broadcast_to(np.asarray(noise_var, dtype=float), x.shape)
+    yn = (np.asarray(y, dtype=float).ravel() - gp.y_mean) / gp.y_scale
+    alpha = nv / gp.y_scale**2 + 1e-9
+    lo, hi = gp.length_bounds
+    warps = gp.warp_grid if gp.centres else (0.0,)
+    lengths = _LENGTHS[(_LENGTHS >= lo) & (_LENGTHS <= hi)]
+    cands = [(a, ln, amp) for a in warps for ln in lengths for amp in _AMPLITUDES]
+    lml = _grid_lml(gp, x, yn, alpha, cands)
+    w = np.exp(lml - np.max(lml))
+    order = [i for i in np.argsort(w)[::-1][:max_terms] if w[i] >= min_weight]
+    total = float(np.sum(w[order]))
+    return [(*cands[i], float(w[i] / total)) for i in order]
 
 
 def _matern52_r(r: np.ndarray, length: float) -> np.ndarray:
@@ -275,7 +322,7 @@ class StackModel:
         self.step_width = step_width
         self.edges: tuple[float, float] | None = None
         self.functionals: SumRuleFunctionals | None = None
-        self._hyper: dict[str, list[tuple[float, float, float]]] = {}
+        self._hyper: dict[str, list[list[tuple[float, ...]]]] = {}
         self._fitted = False
 
     # -- fitting ---------------------------------------------------------------------
@@ -320,8 +367,9 @@ class StackModel:
         self.noise_scale = (noise / self.noise_bar[:, None]).mean(axis=0)  # (P,) rho_p
         self.noise = noise
         self._uniq = np.unique(e)
-        if refit or self.edges is None:
-            self._locate_edges(e, s)
+        # Edges are relocated at every fit (one small GP of the map-mean spectrum): an
+        # adaptive stack walks onto a white line one energy at a time and must follow it.
+        self._locate_edges(e, s)
         self.functionals = SumRuleFunctionals.from_grid(self.grid, *self.edges,
                                                         step_width=self.step_width)
         self.chan = {"s": self._channel("s", s, refit), "d": self._channel("d", d, refit)}
@@ -376,22 +424,32 @@ class StackModel:
         weights = {"p": f.w_p, "q": f.w_q, "r": f.w_r}
         gps, means, cov_w, var_grid = [], [], [], []
         hyper = self._hyper.get(name, [])
+        mixtures = []
         for r in range(rank):
             ue, yr, nv, _ = self._pooled(self.energy, basis[:, r], self.noise_bar / n_pix)
             gp = WarpedGP(centres=self.edges)
             if refit or r >= len(hyper):
-                grid_refit(gp, ue, yr, nv)
+                mix = hyper_mixture(gp, ue, yr, nv)
             else:
-                gp.warp, gp.length, gp.amplitude = hyper[r][:3]
+                mix = hyper[r]
+            # Posterior averaged over the hyperparameter mixture (mean and law of total
+            # covariance); the GP is left at the heaviest term for reporting.
+            mean = np.zeros(self.grid.size)
+            second = np.zeros((self.grid.size, self.grid.size))
+            for warp, length, amp, wt in reversed(mix):
+                gp.warp, gp.length, gp.amplitude = warp, length, amp
                 gp.y_mean, gp.y_scale = float(np.mean(yr)), float(np.std(yr)) or 1.0
                 gp.condition(ue, yr, nv)
-            mean, kgg, v = gp.posterior(self.grid)
-            cov = kgg - v.T @ v
+                m_i, kgg, v = gp.posterior(self.grid)
+                mean += wt * m_i
+                second += wt * (kgg - v.T @ v + np.outer(m_i, m_i))
+            cov = second - np.outer(mean, mean)
             gps.append(gp)
             means.append(mean)
+            mixtures.append(mix)
             cov_w.append({key: cov @ w for key, w in weights.items()})
             var_grid.append(np.maximum(np.diag(cov), 0.0))
-        self._hyper[name] = [(g.warp, g.length, g.amplitude) for g in gps]
+        self._hyper[name] = mixtures
         return _Channel(basis, amplitudes, solve, fisher_inv, gps, np.array(means), cov_w,
                         np.array(var_grid))
 
@@ -573,6 +631,16 @@ class AdaptiveStack:
         Spectral components per channel.
     refit_every
         Refit GP hyperparameters when the energy count grew by this fraction.
+    n_grid
+        Points of the candidate-energy and functional grid.
+    edge_bracket
+        Sampling of the white lines required before the tolerance is trusted (eV): a
+        measured energy within half of it from each located edge and one within it on
+        each side (about the white-line FWHM of 3d L edges).
+    edge_tolerance
+        Largest move (eV) of the located edges between two decisions for a stop.
+    min_adaptive
+        Adaptive energies after the initial design before the tolerance is trusted.
     """
 
     e_min: float
@@ -586,6 +654,9 @@ class AdaptiveStack:
     rank: int = 2
     refit_every: float = 0.2
     n_grid: int = 161
+    edge_bracket: float = 1.0
+    edge_tolerance: float = 0.3
+    min_adaptive: int = 4
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.tol) and self.tol > 0):
@@ -608,8 +679,15 @@ class AdaptiveStack:
         return len(self._e)
 
     def initial_design(self) -> np.ndarray:
-        """Uniform initial design over the window."""
-        return np.linspace(self.e_min, self.e_max, self.n_init)
+        """Uniform initial design over the window; with an edge hint the uniform points
+        nearest the tabulated white lines are moved onto them (a coarse grid otherwise
+        straddles 1 eV wide lines and the first model cannot know they are there)."""
+        design = np.linspace(self.e_min, self.e_max, self.n_init)
+        if self.edges is not None:
+            for edge in self.edges:
+                if self.e_min < edge < self.e_max:
+                    design[int(np.argmin(np.abs(design - edge)))] = edge
+        return np.unique(design)
 
     def tell(self, energy: float, counts_plus: np.ndarray, counts_minus: np.ndarray,
              i0: float | None = None) -> None:
@@ -640,20 +718,69 @@ class AdaptiveStack:
             self._last_refit = n
         return refit
 
+    def edge_gaps(self) -> list[float]:
+        """Energies still needed to sample the located white lines (empty: sampled).
+
+        A white line narrower than the spacing of the measured energies is invisible to
+        the GP (a long fitted length glides over it and the posterior sd is small but
+        wrong; q, a small difference of the two white-line areas, then even changes
+        sign). Each located edge needs a measured energy within ``edge_bracket / 2`` of
+        it and one within ``edge_bracket`` on each side.
+        """
+        if self.model.edges is None:
+            return []
+        e = np.array(self._e)
+        b = self.edge_bracket
+        need = []
+        for edge in self.model.edges:
+            d = e - edge
+            if np.min(np.abs(d)) > 0.5 * b:
+                need.append(edge)
+            elif not np.any((d < 0) & (d >= -b)):
+                need.append(edge - 0.6 * b)
+            elif not np.any((d > 0) & (d <= b)):
+                need.append(edge + 0.6 * b)
+        return [float(np.clip(v, self.e_min, self.e_max)) for v in need]
+
     def ask(self, current_energy: float | None = None) -> StackDecision:
-        """Update the model, check the stopping rule and choose the next energy."""
+        """Update the model, check the stopping rule and choose the next energy.
+
+        The tolerance is trusted only once the GP can know the answer (compare the
+        single-spectrum :class:`~smartbeam.analysis.acquisition.StoppingRule`'s
+        ``min_points``): at least ``n_init + min_adaptive`` energies, both located white
+        lines sampled (:meth:`edge_gaps`), the edges stable since the previous decision
+        and hyperparameters refit on all the data. While the edges are not sampled the
+        next energy closes the nearest gap, whatever the (then over-confident) GP says.
+        """
         t0 = time.perf_counter()
         self.update()
+        prev = self.history[-1] if self.history else None
+        gaps = self.edge_gaps()
         m = self.model.moments()
+        stable = prev is not None and max(abs(m.e_l3 - prev.e_l3),
+                                          abs(m.e_l2 - prev.e_l2)) <= self.edge_tolerance
+        trusted = (self.n_energies >= self.n_init + self.min_adaptive and not gaps and stable)
+        if trusted and self._last_refit < self.n_energies and m.rms_sd <= self.tol * m.rms_m_orb:
+            # About to stop: judge with hyperparameters fitted on every energy.
+            self.update(force_refit=True)
+            m = self.model.moments()
+            gaps = self.edge_gaps()
+            trusted = not gaps and max(abs(m.e_l3 - prev.e_l3),
+                                       abs(m.e_l2 - prev.e_l2)) <= self.edge_tolerance
         rms_sd, rms = m.rms_sd, m.rms_m_orb
         stop, reason = False, ""
-        if self.n_energies >= self.n_init + 2 and np.isfinite(rms_sd) and rms_sd <= self.tol * rms:
+        if trusted and np.isfinite(rms_sd) and rms_sd <= self.tol * rms:
             stop, reason = True, f"map rms sd {rms_sd:.3g} <= tol {self.tol:g} x rms {rms:.3g}"
         elif self.n_energies >= self.max_energies:
             stop, reason = True, f"budget of {self.max_energies} energies spent"
         score = self.model.variance_reduction() / self.cost(self.model.grid, current_energy)
         i = int(np.argmax(score))
-        dec = StackDecision(energy=float(self.model.grid[i]), acquisition=float(score[i]),
+        energy, acq = float(self.model.grid[i]), float(score[i])
+        if gaps:
+            here = self.e_min if current_energy is None else current_energy
+            energy = min(gaps, key=lambda v: abs(v - here))
+            acq = float("nan")  # not a variance-reduction choice
+        dec = StackDecision(energy=energy, acquisition=acq,
                             n_energies=self.n_energies, rms_sd=rms_sd, rms_m_orb=rms,
                             e_l3=m.e_l3, e_l2=m.e_l2,
                             latency_ms=1e3 * (time.perf_counter() - t0), stop=stop,
