@@ -87,12 +87,13 @@ def test_ioc_fault_mid_scan_suspends_and_resumes_without_loss(kind, xmcd_ioc, st
     assert injected.is_set()
     # the plan really waited for the IOC, and the suspension named the PVs
     assert elapsed > 3.0
+    # (on a loaded machine the 0.5 s probe can also time out once: any trip may come first)
     assert susp.trips, "the suspender never tripped"
-    assert proc.prefix in susp.trips[0]
+    assert all(proc.prefix in t for t in susp.trips)
     if kind == "kill":
-        assert "disconnected" in susp.trips[0]
+        assert any("disconnected" in t for t in susp.trips)
     else:
-        assert "did not answer" in susp.trips[0] or "disconnected" in susp.trips[0]
+        assert any("did not answer" in t or "disconnected" in t for t in susp.trips)
     run = storage.runs[uid]
     assert run.metadata["stop"]["exit_status"] == "success"
     seq = run["primary"]["seq_num"].read()
@@ -145,7 +146,7 @@ def test_adaptive_xmcd_scan_resumes_with_gp_state_after_ioc_kill(xmcd_ioc, stora
     injected = _fault_after_event(RE, 30, lambda: _kill(proc), proc.start, down_s=2.0)
     (uid,) = RE(xmcd_plans.xmcd_adaptive_scan(xmcd, *fe.window, **kwargs))
     RE.remove_suspender(susp)
-    assert injected.is_set() and susp.trips and "disconnected" in susp.trips[0]
+    assert injected.is_set() and any("disconnected" in t for t in susp.trips)
 
     run = storage.runs[uid]
     assert run.metadata["stop"]["exit_status"] == "success"
