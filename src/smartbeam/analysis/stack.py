@@ -49,6 +49,7 @@ __all__ = [
     "cluster_spectra",
     "grid_refit",
     "hyper_mixture",
+    "lowrank_denoise",
     "optical_density",
     "tendq_maps",
 ]
@@ -824,7 +825,67 @@ def cluster_spectra(spectra: np.ndarray, n_clusters: int = 4, *, n_components: i
     return KMeans(n_clusters=n_clusters, n_init=4, random_state=random_state).fit_predict(z)
 
 
-def tendq_maps(fitter, energy: np.ndarray, od: np.ndarray) -> dict[str, np.ndarray]:
+def lowrank_denoise(od: np.ndarray, var: np.ndarray, rank: int | None = None
+                    ) -> tuple[np.ndarray, dict]:
+    """Project every pixel spectrum of a stack onto the map's leading spectral components.
+
+    A field of view holds a few phases (spectral shapes) at varying thickness, so the
+    (K energies x P pixels) stack is low rank plus counting noise. The components are
+    the left singular vectors of the noise-whitened stack (mean spectrum removed); with
+    ``rank=None`` the kept components are those whose singular values exceed the
+    Marchenko-Pastur edge of pure white noise, ``sqrt(P) (1 + sqrt(K/P))``, so the rank
+    is set by the noise the counting statistics imply, not by a guess. Each pixel keeps
+    its own amplitudes: no spatial averaging (the effective spatial resolution stays one
+    pixel); the noise per pixel drops by about ``sqrt(rank / K)``.
+
+    Parameters
+    ----------
+    od
+        (K, ny, nx) optical density.
+    var
+        Its counting variance, same shape (or broadcastable).
+    rank
+        Components kept besides the mean spectrum (None: from the noise edge).
+
+    Returns
+    -------
+    od_denoised, info
+        The projected stack (same shape) and ``{"rank", "noise_edge", "singular_values"}``
+        (the ten largest whitened singular values).
+    """
+    x = np.asarray(od, dtype=float)
+    if x.ndim != 3 or x.shape[0] < 3:
+        raise SmartbeamInputError(f"od of shape {x.shape}: expected a (K, ny, nx) stack "
+                                  "with K >= 3 energies")
+    v = np.broadcast_to(np.asarray(var, dtype=float), x.shape)
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(v)) and np.all(v > 0)):
+        raise SmartbeamInputError("od/var contain NaN/inf or non-positive variances: "
+                                  "expected finite OD and positive variances")
+    k = x.shape[0]
+    y = x.reshape(k, -1)
+    n_pix = y.shape[1]
+    # Whiten by the map-mean noise of each energy (thickness changes the per-pixel noise
+    # by a few per cent only; a per-pixel weight would break the shared basis).
+    sw = np.sqrt(v.reshape(k, -1).mean(axis=1))
+    mean = y.mean(axis=1, keepdims=True)
+    z = (y - mean) / sw[:, None]
+    evals, evecs = np.linalg.eigh(z @ z.T)
+    order = np.argsort(evals)[::-1]
+    sv = np.sqrt(np.maximum(evals[order], 0.0))
+    edge = np.sqrt(n_pix) * (1.0 + np.sqrt(k / n_pix))
+    if rank is None:
+        rank = int(np.sum(sv > edge))
+    elif not (isinstance(rank, int | np.integer) and 0 <= rank <= k):
+        raise SmartbeamInputError(f"rank={rank!r}: expected an integer in [0, {k}]")
+    u = evecs[:, order[:rank]]
+    z_hat = u @ (u.T @ z)
+    out = mean + sw[:, None] * z_hat
+    return out.reshape(x.shape), {"rank": int(rank), "noise_edge": float(edge),
+                                  "singular_values": [float(s_) for s_ in sv[:10]]}
+
+
+def tendq_maps(fitter, energy: np.ndarray, od: np.ndarray, var: np.ndarray | None = None,
+               *, denoise: bool = True, rank: int | None = None) -> dict[str, np.ndarray]:
     """Per-pixel 10Dq, its sd and the rejection mask of an OD stack.
 
     Parameters
@@ -835,18 +896,33 @@ def tendq_maps(fitter, energy: np.ndarray, od: np.ndarray) -> dict[str, np.ndarr
         (K,) increasing energies (eV).
     od
         (K, ny, nx) optical density (any constant offset is removed with the background).
+    var
+        Counting variance of ``od`` (needed for ``denoise``).
+    denoise
+        Pool the map first: every pixel spectrum is projected on the stack's leading
+        spectral components (:func:`lowrank_denoise`); each pixel keeps its own
+        amplitudes, so regions stay one pixel sharp.
+    rank
+        Components of the projection (None: chosen from the noise).
 
     Returns
     -------
     dict
         ``ten_dq``, ``ten_dq_sd`` (NaN where rejected), ``described`` (bool), ``score``,
-        ``offset`` maps of shape (ny, nx).
+        ``offset`` maps of shape (ny, nx), and ``rank`` (components kept, -1 without
+        denoising).
     """
     e = np.asarray(energy, dtype=float)
     stack = np.asarray(od, dtype=float)
     if stack.ndim != 3 or stack.shape[0] != e.size:
         raise SmartbeamInputError(f"od of shape {stack.shape}: expected (K, ny, nx) with "
                                   f"K = {e.size} energies")
+    used_rank = -1
+    if denoise:
+        if var is None:
+            raise SmartbeamInputError("denoise=True needs var (the counting variance of od)")
+        stack, info = lowrank_denoise(stack, var, rank)
+        used_rank = info["rank"]
     ny, nx = stack.shape[1:]
     results = fitter.predict_many(e, stack.reshape(e.size, -1).T)
     out = {
@@ -857,4 +933,6 @@ def tendq_maps(fitter, energy: np.ndarray, od: np.ndarray) -> dict[str, np.ndarr
         "offset": np.array([r.extra["per_measure_offset"].get("pearson", np.nan)
                             if r.extra else np.nan for r in results], dtype=float),
     }
-    return {k: v.reshape(ny, nx) for k, v in out.items()}
+    maps = {k: v.reshape(ny, nx) for k, v in out.items()}
+    maps["rank"] = used_rank
+    return maps

@@ -112,10 +112,12 @@ def _tendq_part(n: int, rng: np.random.Generator, dwell: float) -> dict:
     sample = STXMXASSample(shape=(n, n))
     e = np.arange(632.0, 660.0, 0.2)
     x = (np.arange(n) + 0.5) * sample.pixel_um
-    od, _ = optical_density(np.array([sample.image(v, 0, dwell, x, x, rng) for v in e]))
+    od, var = optical_density(np.array([sample.image(v, 0, dwell, x, x, rng) for v in e]))
     fitter = make_fitter()
+    # Per-pixel estimate of the raw spectra (the previous method) beside the pooled one.
+    raw = tendq_maps(fitter, e, od, denoise=False)
     t0 = time.perf_counter()
-    maps = tendq_maps(fitter, e, od)
+    maps = tendq_maps(fitter, e, od, var)
     dt = time.perf_counter() - t0
     truth = sample.true_ten_dq_map()
     mn2 = np.isfinite(truth)
@@ -125,9 +127,17 @@ def _tendq_part(n: int, rng: np.random.Generator, dwell: float) -> dict:
     interior = ndimage.minimum_filter(sample.regions, 3) == ndimage.maximum_filter(
         sample.regions, 3)
     sel = mn2 & interior & maps["described"]
+    sel_raw = mn2 & interior & raw["described"]
     foreign = ~mn2
     return {"tendq_map_rmse_eV": _rmse(maps["ten_dq"][sel], truth[sel]),
             "rejection_accuracy": float(np.mean(maps["described"] == mn2)),
+            "tendq_denoise_rank": int(maps["rank"]),
+            "tendq_effective_resolution_px": 1,
+            "tendq_raw_per_pixel": {
+                "tendq_map_rmse_eV": _rmse(raw["ten_dq"][sel_raw], truth[sel_raw]),
+                "rejection_accuracy": float(np.mean(raw["described"] == mn2)),
+                "foreign_rejected_fraction": (float(np.mean(~raw["described"][foreign]))
+                                              if foreign.any() else None)},
             "foreign_phase": sample.foreign_ion or "made-up Lorentzian",
             "foreign_pixels": int(foreign.sum()),
             "foreign_rejected_fraction": (float(np.mean(~maps["described"][foreign]))

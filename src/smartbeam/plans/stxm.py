@@ -415,11 +415,13 @@ def stxm_xas_map(stxm: Readable, *, x_range: list[float], y_range: list[float], 
             images.append(img)
         if images[0] is None:
             return
-        od, _ = optical_density(np.stack(images))
+        od, var = optical_density(np.stack(images))
         state["spectra"] = od.reshape(e.size, -1).T
         row = {"n_described": 0, "library_id": fitter.library.library_id, "error": ""}
         try:
-            res = tendq_maps(fitter, e, od)
+            # Pixels pooled through the stack's leading spectral components (each pixel
+            # keeps its own amplitudes: no spatial blur), then estimated one by one.
+            res = tendq_maps(fitter, e, od, var)
             row.update(ten_dq=res["ten_dq"], ten_dq_sd=res["ten_dq_sd"],
                        described=res["described"].astype(np.int8), score=res["score"],
                        n_described=int(res["described"].sum()))
