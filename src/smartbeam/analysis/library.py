@@ -327,10 +327,12 @@ def stick_spectrum(ops: Operators, ten_dq: float, temperature: float = 300.0,
         Stick energies E_n - E_i (eV, edrixs reference), their weights (isotropic average
         of |<n|T_k|i>|^2, Boltzmann weighted) and the ground-state spin S.
     """
+    # Divide and conquer ("evd") needs every eigenvector anyway and is ~3x faster than
+    # scipy's default MRRR ("evr") driver for these dense 1260x1260 matrices.
     e_i, v_i = scipy.linalg.eigh(ops.h0_i + ten_dq * ops.hcf_i, overwrite_a=True,
-                                 check_finite=False)
+                                 check_finite=False, driver="evd")
     e_n, v_n = scipy.linalg.eigh(ops.h0_n + ten_dq * ops.hcf_n, overwrite_a=True,
-                                 check_finite=False)
+                                 check_finite=False, driver="evd")
     de = e_i - e_i[0]
     if temperature > 0:
         prob = np.exp(-de / (_K_B_EV * temperature))

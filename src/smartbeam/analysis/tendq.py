@@ -7,14 +7,22 @@ matrix product per measure), refines the minimum between grid points with a quad
 fit that never crosses a spin crossover, and combines the measures into a consensus.
 
 A high similarity alone does not prove the library describes the spectrum (a Mn3+/4+
-EELS spectrum reaches Pearson r = 0.988 against Mn2+). The rejection score is the
-fraction of the *signal* variance the best library spectrum leaves unexplained beyond the
-noise, measured on the raw data points::
+EELS spectrum reaches Pearson r = 0.988 against Mn2+). The rejection asks whether *any*
+library spectrum describes the data: a second, local search around the best offset
+(+-0.5 eV) runs over every entry at extra resolutions up to 4 eV (so a coarse EELS
+resolution is not mistaken for a wrong ion, and the answer does not depend on how wide
+the offset search was), and the best match is scored on the raw data points by two
+fractions of unexplained signal, both beyond the noise:
 
-    score = max(SSR/n - s^2, 0) / max(var(y) - s^2, tiny)
+- shape: ``max(SSR/n - s^2, 0) / max(var(y) - s^2, tiny)`` for ``a*model + b``;
+- L3/L2 structure (branching ratio): with the model scaled to the measured L3 line, the
+  fraction of the measured L2 line intensity it misses, beyond two noise standard
+  deviations of the areas (the branching ratio is the classic valence fingerprint of a
+  3d ion, and the L3-dominated shape fraction is nearly blind to it).
 
-with ``s`` the noise estimated from second differences. Its threshold is calibrated on
-simulated in-library spectra (:func:`calibrate_threshold`).
+The score is the larger of the two, with ``s`` the noise estimated from second
+differences. Its threshold is calibrated on simulated in-library spectra
+(:func:`calibrate_threshold`).
 """
 
 from __future__ import annotations
@@ -42,10 +50,12 @@ __all__ = [
     "CONSENSUS_MEASURES",
     "DEFAULT_EXTRA_FWHM",
     "DEFAULT_STEP_SHIFTS",
+    "REJECTION_EXTRA_FWHM",
     "TenDqResult",
     "TenDqFitter",
     "calibrate_threshold",
     "rejection_score",
+    "branching_score",
     "noise_sigma",
     "validate_spectrum",
 ]
@@ -56,6 +66,10 @@ CONSENSUS_MEASURES = ("euclidean", "cosine", "pearson", "jsd")
 DEFAULT_EXTRA_FWHM = (0.0, 0.3, 0.5, 0.7)
 #: Edge-step positions (eV from the white-line maxima) tried by default.
 DEFAULT_STEP_SHIFTS = (-1.0, -0.5, 0.0)
+#: Extra Gaussian FWHM (eV) searched by the rejection stage (up to a coarse EELS resolution).
+REJECTION_EXTRA_FWHM = (0.0, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+# Half width (eV) of the local offset search of the rejection stage.
+_REJECTION_OFFSET_HALF = 0.5
 # Too slow for the full offset search: evaluated at Pearson's best window only.
 _AT_BEST_WINDOW = ("dtw",)
 # Distances that grow like |x| near the minimum are squared before the quadratic fit.
@@ -182,6 +196,41 @@ def rejection_score(y: np.ndarray, model: np.ndarray, sigma: float) -> float:
     return max(ssr - sigma ** 2, 0.0) / max(signal, 1e-12 * max(var, 1e-300))
 
 
+def branching_score(y: np.ndarray, model: np.ndarray, l3: np.ndarray, sigma: float) -> float:
+    """Fraction of the measured L2 line that the model, scaled to the L3 line, misses.
+
+    Both ``y`` and ``model`` must be baseline-free (edge steps removed). With ``A3``,
+    ``A2`` the measured line areas and ``rho`` the model's L2/L3 area ratio, the miss is
+    ``|A2 - rho A3|`` less two noise standard deviations ``2 s sqrt(n2 + rho^2 n3)``,
+    divided by ``A2``. A wrong L3/L2 branching ratio (another valence or spin state)
+    shows here even when the L3-dominated shape misfit is small.
+
+    Parameters
+    ----------
+    y, model
+        Measured and model intensities on the same points.
+    l3
+        Boolean mask of the points belonging to the L3 line (the rest is L2).
+    sigma
+        White-noise standard deviation of ``y``.
+
+    Returns
+    -------
+    float
+        >= 0; ``inf`` when a line has no positive area.
+    """
+    y = np.asarray(y, dtype=float)
+    m = np.asarray(model, dtype=float)
+    l3 = np.asarray(l3, dtype=bool)
+    a3, a2 = float(y[l3].sum()), float(y[~l3].sum())
+    m3, m2 = float(m[l3].sum()), float(m[~l3].sum())
+    if min(a3, a2, m3, m2) <= 0:
+        return float("inf")
+    rho = m2 / m3
+    noise = 2.0 * sigma * math.sqrt((~l3).sum() + rho ** 2 * l3.sum())
+    return max(abs(a2 - rho * a3) - noise, 0.0) / a2
+
+
 def calibrate_threshold(in_library_scores: np.ndarray, quantile: float = 0.99) -> float:
     """Threshold accepting the ``quantile`` fraction of simulated in-library spectra."""
     s = np.asarray(in_library_scores, dtype=float)
@@ -275,6 +324,14 @@ class TenDqFitter:
             for w in self.extra_fwhm])
         flat = self.spectra_b.reshape(-1, self.n)
         self._prepared = {m: prepare(flat, m) for m in set(self.measures) | {"pearson"}}
+        # Rejection stage: every entry at every resolution up to REJECTION_EXTRA_FWHM,
+        # centred unit rows for a Pearson search by one matrix product.
+        self._rej = np.concatenate([
+            lib.spectra if w == 0 else gaussian_filter1d(lib.spectra, w * fwhm_to_sigma,
+                                                         axis=1, mode="nearest")
+            for w in REJECTION_EXTRA_FWHM])
+        rc = self._rej - self._rej.mean(axis=1, keepdims=True)
+        self._rej_unit = rc / np.maximum(np.linalg.norm(rc, axis=1, keepdims=True), 1e-300)
         mean = lib.spectra.mean(axis=0)
         thr = 0.02 * mean.max()
         above = np.flatnonzero(mean > thr)
@@ -458,8 +515,7 @@ class TenDqFitter:
         mask = (e >= lib.energy[0] + offset) & (e <= lib.energy[-1] + offset)
         sigma = noise_sigma(y[mask]) if mask.sum() >= 5 else 0.0
         y_bg = np.interp(e[mask], self.grid_ext, pre)
-        model = np.interp(e[mask] - offset, lib.energy, self._model(ten_dq, k_best, b_best))
-        score = rejection_score(y_bg, model, sigma) if mask.sum() >= 10 else float("inf")
+        score, rej = self._rejection(e, y, pre, offset)
 
         # Uncertainty: spread across measures (robust) and noise propagated through the
         # curvature of the Pearson misfit around the minimum.
@@ -490,7 +546,8 @@ class TenDqFitter:
             flags.append("not_described")
         extra = {"noise_sigma": sigma, "per_measure_offset": per_off, "raw_per_measure": per,
                  "per_measure_similarity": per_sim, "spin": float(lib.spin[k_best]),
-                 "extra_fwhm": float(self.extra_fwhm[b_best]), "step_shift": float(step_shift)}
+                 "extra_fwhm": float(self.extra_fwhm[b_best]), "step_shift": float(step_shift),
+                 "rejection": rej}
         return TenDqResult(
             described=described, ten_dq=ten_dq if described else None,
             sd=sd if described else None, offset=offset if described else None,
@@ -500,6 +557,38 @@ class TenDqFitter:
             per_measure_offset=per_off, flags=flags, score=float(score),
             threshold=float("nan") if self.threshold is None else float(self.threshold),
             library_id=lib.library_id, extra=extra)
+
+    def _rejection(self, e: np.ndarray, y: np.ndarray, pre: np.ndarray, offset: float
+                   ) -> tuple[float, dict[str, Any]]:
+        """Score of the best library spectrum (any entry, extra FWHM up to 4 eV, offset
+        within +-0.5 eV of ``offset``) on the raw points; see the module docstring."""
+        lib = self.library
+        assert lib is not None
+        n_k = len(lib.ten_dq)
+        j0 = int(round((offset + self.offset_range) / self.step))
+        half = int(round(_REJECTION_OFFSET_HALF / self.step))
+        js = np.arange(max(j0 - half, 0), min(j0 + half, 2 * self.n_shift) + 1)
+        win = sliding_window_view(pre, self.n)[js]
+        wc = win - win.mean(axis=1, keepdims=True)
+        wc /= np.maximum(np.linalg.norm(wc, axis=1, keepdims=True), 1e-300)
+        r = wc @ self._rej_unit.T
+        jj, idx = np.unravel_index(int(np.argmax(r)), r.shape)
+        off = float(self.offsets[js[jj]])
+        info: dict[str, Any] = {"offset": off, "ten_dq": float(lib.ten_dq[idx % n_k]),
+                                "extra_fwhm": float(REJECTION_EXTRA_FWHM[idx // n_k]),
+                                "shape": float("inf"), "branching": float("inf")}
+        mask = (e >= lib.energy[0] + off) & (e <= lib.energy[-1] + off)
+        if mask.sum() < 10:
+            return float("inf"), info
+        sigma = noise_sigma(y[mask])
+        y_bg = np.interp(e[mask], self.grid_ext, pre)
+        model = np.interp(e[mask] - off, lib.energy, self._rej[idx])
+        shape = rejection_score(y_bg, model, sigma)
+        coef, *_ = np.linalg.lstsq(np.column_stack([model, np.ones_like(model)]), y_bg,
+                                   rcond=None)
+        branching = branching_score(y_bg - coef[1], model, e[mask] - off < self.split, sigma)
+        info.update(shape=float(shape), branching=float(branching))
+        return max(shape, branching), info
 
     def _noise_sd(self, dmap: np.ndarray, y: np.ndarray, sigma: float) -> float:
         lib = self.library

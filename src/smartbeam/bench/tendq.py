@@ -34,7 +34,7 @@ from ..analysis.similarity import POINTWISE_MEASURES
 from ..analysis.tendq import CONSENSUS_MEASURES, TenDqFitter, calibrate_threshold
 
 __all__ = ["add_arguments", "run", "Simulator", "calibration_scores", "calibrate", "degrade",
-           "shifted", "with_edge_step", "CONDITIONS", "EXTRA_CONDITIONS"]
+           "shifted", "perturbed", "with_edge_step", "CONDITIONS", "EXTRA_CONDITIONS"]
 
 CONDITIONS = ("clean", "noise_1", "noise_5", "noise_10", "resolution_0.3", "resolution_0.5",
               "offset_1", "mismatch")
@@ -102,6 +102,18 @@ def degrade(y: np.ndarray, step: float, rng: np.random.Generator, *, noise: floa
     return y
 
 
+def perturbed(sim: Simulator, y: np.ndarray, rng: np.random.Generator, *, noise: float,
+              extra_fwhm: float, offset: float) -> np.ndarray:
+    """Extra resolution, then an energy offset, then white noise (fraction of the maximum).
+
+    The noise comes last: it is white on the measured points, while the offset is an error
+    of the energy axis (interpolating noise for the shift would correlate it and fool the
+    second-difference noise estimate of the rejection score).
+    """
+    y = shifted(sim, degrade(y, sim.step, rng, extra_fwhm=extra_fwhm), offset)
+    return degrade(y, sim.step, rng, noise=noise)
+
+
 def shifted(sim: Simulator, y: np.ndarray, offset: float) -> np.ndarray:
     """The spectrum ``y`` displaced by ``offset`` eV on the simulator grid."""
     return np.interp(sim.energy - offset, sim.energy, y)
@@ -119,9 +131,10 @@ def calibration_scores(fitter: TenDqFitter, sim: Simulator, rng: np.random.Gener
     for _ in tqdm(range(n), desc="calibration", disable=not progress):
         s = sims[rng.integers(len(sims))]
         dq = rng.uniform(lib.ten_dq[0], lib.ten_dq[-1])
-        y = degrade(s.clean(dq), s.step, rng, noise=rng.uniform(0, 0.10),
-                    extra_fwhm=rng.uniform(0, 0.5))
-        y = shifted(s, y, rng.uniform(-1, 1))
+        y = perturbed(s, s.clean(dq), rng, noise=rng.uniform(0, 0.10),
+                      extra_fwhm=rng.uniform(0, 0.5), offset=rng.uniform(-1, 1))
+        if rng.random() < 0.5:  # measured-like: sloped pre-edge, arctan edge steps
+            y = with_edge_step(s, y, dq, rng)
         scores.append(fitter.predict(s.energy, y).score)
     return np.asarray(scores)
 
@@ -142,8 +155,8 @@ def calibrate(lib: SpectrumLibrary, *, n: int = 80, seed: int = 20240601,
     return {"library_id": lib.library_id, "threshold": calibrate_threshold(scores, quantile),
             "quantile": quantile, "n": int(n), "seed": int(seed),
             "mismatch_slater_scales": [scale * s / 0.8 for s in mismatch_scales],
-            "in_library": "10Dq uniform over the grid, noise 0-10 %, extra FWHM 0-0.5 eV, "
-                          "offset +-1 eV",
+            "in_library": "10Dq uniform over the grid, extra FWHM 0-0.5 eV, offset +-1 eV, "
+                          "white noise 0-10 %, half with sloped pre-edge and edge steps",
             "score_quantiles": {str(q): float(np.quantile(scores[np.isfinite(scores)], q))
                                 for q in (0.5, 0.9, 0.95, 0.99)}}
 
@@ -242,10 +255,9 @@ def run(args: argparse.Namespace) -> dict:
     for ion in tqdm(ions, desc="out-of-library", disable=not progress):
         other = Simulator(lib, ion=ion)
         for _ in range(n_out):
-            y = other.clean(float(rng.uniform(0.5, 2.5)))
-            y = degrade(y, other.step, rng, noise=rng.uniform(0.01, 0.05),
-                        extra_fwhm=rng.uniform(0.0, 0.5))
-            y = shifted(other, y, rng.uniform(-1, 1))
+            y = perturbed(other, other.clean(float(rng.uniform(0.5, 2.5))), rng,
+                          noise=rng.uniform(0.01, 0.05), extra_fwhm=rng.uniform(0.0, 0.5),
+                          offset=rng.uniform(-1, 1))
             rejected.append(not fitter.predict(other.energy, y).described)
     for _ in range(n_out):
         y = rng.normal(0, 1, size=sim.energy.shape)
