@@ -11,7 +11,9 @@ approximated by a rank-R basis learned from all pixels (noise-weighted SVD),
 so the shapes are known with the noise of the whole map (P times smaller than a
 pixel's) and each pixel only needs its R amplitudes. The shapes are interpolated onto
 a fine grid by Gaussian processes (:class:`~smartbeam.analysis.gp.WarpedGP`, warped
-around the located edges, hyperparameters shared by every pixel). The sum-rule
+around the located edges, hyperparameters shared by every pixel; the posterior is
+averaged over the hyperparameter grid weighted by marginal likelihood, because a few
+energies do not pin the length scale down). The sum-rule
 integrals p, q, r are linear functionals, so per pixel
 
     q_p = sum_r alpha_rp (w_q . phi_r)

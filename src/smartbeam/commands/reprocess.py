@@ -172,10 +172,13 @@ def _submit(client, raw: dict, kind: str, chunk: int):
                             float(start.get("n_h", args.get("n_h", 3.39))),
                             tuple(edges) if edges else None, pure=False)
         return lambda: client.gather(fut)
-    from ..analysis.stack import optical_density
+    from ..analysis.stack import lowrank_denoise, optical_density
 
     order = np.argsort(e, kind="stable")
-    od, _ = optical_density(images[order])
+    od, var = optical_density(images[order])
+    # Same pooling as stxm_xas_map; it needs the whole stack (one K x K eigenproblem),
+    # so it runs here and only the per-pixel estimates are spread over the workers.
+    od, _ = lowrank_denoise(od, var)
     spectra = od.reshape(len(e), -1).T
     ion = start.get("ion", "Mn2+")
     e_sorted = e[order]
