@@ -208,3 +208,20 @@ def test_scores_and_noise_estimate():
     assert noise_sigma(x + rng.normal(0, 0.1, x.size)) == pytest.approx(0.1, rel=0.1)
     assert rejection_score(2 * x + 1, x, 0.0) == pytest.approx(0.0, abs=1e-12)
     assert rejection_score(-x, x, 0.0) == float("inf")
+
+
+def test_fft_pearson_maps_equal_matrix_product(lib):
+    # the FFT/SVD offset search against the plain sliding-window matrix product
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    from smartbeam.analysis.similarity import dissimilarity, prepare
+
+    f = TenDqFitter(measures=("pearson",)).fit(lib)
+    rng = np.random.default_rng(4)
+    ext = np.stack([np.interp(f.grid_ext, lib.energy, lib.spectra[k]) for k in (3, 12, 20)])
+    ext = 1e4 * ext + rng.normal(0, 50, ext.shape) + 3e4  # counts on a large background
+    win = sliding_window_view(ext, f.n, axis=1)
+    m, j, n = win.shape
+    plain = dissimilarity(prepare(win.reshape(m * j, n), "pearson"), f._prepared["pearson"],
+                          "pearson", prepared=True).reshape(m, j, len(f.extra_fwhm), -1)
+    assert np.abs(f.dissimilarity_maps(ext)["pearson"] - plain).max() < 1e-5

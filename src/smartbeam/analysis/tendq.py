@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.fft
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.ndimage import gaussian_filter1d
 
@@ -68,6 +69,8 @@ DEFAULT_EXTRA_FWHM = (0.0, 0.3, 0.5, 0.7)
 DEFAULT_STEP_SHIFTS = (-1.0, -0.5, 0.0)
 #: Extra Gaussian FWHM (eV) searched by the rejection stage (up to a coarse EELS resolution).
 REJECTION_EXTRA_FWHM = (0.0, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+# Largest error of a unit library row in the truncated SVD basis of the Pearson search.
+_SVD_ROW_TOL = 1e-6
 # Half width (eV) of the local offset search of the rejection stage.
 _REJECTION_OFFSET_HALF = 0.5
 # Too slow for the full offset search: evaluated at Pearson's best window only.
@@ -324,6 +327,19 @@ class TenDqFitter:
             for w in self.extra_fwhm])
         flat = self.spectra_b.reshape(-1, self.n)
         self._prepared = {m: prepare(flat, m) for m in set(self.measures) | {"pearson"}}
+        # Pearson over offsets by FFT cross-correlation with the centred unit library rows.
+        lc = flat - flat.mean(axis=1, keepdims=True)
+        lc /= np.maximum(np.linalg.norm(lc, axis=1, keepdims=True), 1e-300)
+        # The broadened entries are strongly correlated: correlate with an SVD basis of R
+        # rows (every unit row reproduced to <= 1e-6, so r changes by <= 1e-6) and mix the
+        # R correlations into the entries with a small matrix product.
+        u, sv, vt = np.linalg.svd(lc, full_matrices=False)
+        tail = np.sqrt(np.cumsum(((u * sv) ** 2)[:, ::-1], axis=1)[:, ::-1])  # (BK, R)
+        ok = np.flatnonzero(tail.max(axis=0) <= _SVD_ROW_TOL)
+        rank = int(ok[0]) if ok.size else len(sv)
+        self._mix = (u[:, :rank] * sv[:rank]).T  # (R, BK)
+        self._nfft = scipy.fft.next_fast_len(n_ext, real=True)
+        self._lib_f = np.conj(scipy.fft.rfft(vt[:rank], self._nfft, axis=1))
         # Rejection stage: every entry at every resolution up to REJECTION_EXTRA_FWHM,
         # centred unit rows for a Pearson search by one matrix product.
         self._rej = np.concatenate([
@@ -395,12 +411,45 @@ class TenDqFitter:
         win = sliding_window_view(ext, self.n, axis=1)  # (M, J, n), a view: no copy
         m_, j_, n_ = win.shape
         flat = win.reshape(m_ * j_, n_)
-        out = {}
-        for meas in (set(self.measures) | {"pearson"}) - set(_AT_BEST_WINDOW):
+        out = {"pearson": self._pearson_maps(ext)}
+        for meas in (set(self.measures) | {"pearson"}) - set(_AT_BEST_WINDOW) - {"pearson"}:
             d = dissimilarity(prepare(flat, meas), self._prepared[meas], meas, step=self.step,
                               dtw_window=self.dtw_window, prepared=True)
             out[meas] = d.reshape(m_, j_, len(self.extra_fwhm), len(lib.ten_dq))
         return out
+
+    def _pearson_maps(self, ext: np.ndarray, chunk: int = 32) -> np.ndarray:
+        """1 - Pearson r at every offset by FFT cross-correlation (to within 1e-6).
+
+        The library rows are centred, so ``sum_t (x_{j+t} - mean_j) L_t = sum_t x_{j+t} L_t``:
+        the numerator of every offset is one cross-correlation (FFT, a few times fewer
+        operations than the sliding-window matrix product) and the window norms come from
+        cumulative sums.
+
+        Returns
+        -------
+        (n_spectra, n_offsets, n_broadenings, n_entries) array.
+        """
+        lib = self.library
+        assert lib is not None
+        # Row mean removed first: keeps the cumulative sums well conditioned (EELS counts).
+        x = ext - ext.mean(axis=1, keepdims=True)
+        m_, n_ext = x.shape
+        j_ = n_ext - self.n + 1
+        c1 = np.concatenate([np.zeros((m_, 1)), np.cumsum(x, axis=1)], axis=1)
+        c2 = np.concatenate([np.zeros((m_, 1)), np.cumsum(x * x, axis=1)], axis=1)
+        s1 = c1[:, self.n:] - c1[:, :j_]
+        s2 = c2[:, self.n:] - c2[:, :j_]
+        norm = np.sqrt(np.clip(s2 - s1 * s1 / self.n, 0.0, None))
+        inv = np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 1e-300)
+        xf = scipy.fft.rfft(x, self._nfft, axis=1)
+        out = np.empty((m_, j_, self._mix.shape[1]))
+        for i in range(0, m_, chunk):
+            corr = scipy.fft.irfft(xf[i:i + chunk, None, :] * self._lib_f[None], self._nfft,
+                                   axis=2)[:, :, :j_]
+            corr = np.swapaxes(corr, 1, 2) @ self._mix  # (chunk, J, BK)
+            out[i:i + chunk] = 1.0 - corr * inv[i:i + chunk, :, None]
+        return out.reshape(m_, j_, len(self.extra_fwhm), len(lib.ten_dq))
 
     def _refine(self, dmap: np.ndarray, measure: str
                 ) -> tuple[float, float, int, int, int, float]:
