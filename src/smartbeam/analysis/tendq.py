@@ -269,7 +269,8 @@ class TenDqFitter:
     offset_range
         Largest |energy offset| searched (eV).
     threshold
-        Rejection threshold on :func:`rejection_score`; ``None`` never rejects (only
+        Rejection threshold on the score (the larger of :func:`rejection_score` and
+        :func:`branching_score` of the rejection stage); ``None`` never rejects (only
         when no calibration is available; flagged ``uncalibrated``).
     dtw_window
         DTW window in grid points.
