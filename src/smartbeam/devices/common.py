@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 from ophyd import Component as Cpt
 from ophyd import Device, EpicsSignal, EpicsSignalRO, Kind, PVPositioner
+from ophyd.positioner import PositionerBase
 from ophyd.utils import LimitError
 
 from ..epics_env import address_list
 from ..errors import SmartbeamError, SmartbeamInputError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "POLARISATION_MODES",
@@ -58,6 +63,21 @@ class LimitedPositioner(PVPositioner):
                 f"{self.name}: target {pos!r} is outside the axis limits [{low}, {high}] "
                 f"of {self.setpoint.pvname}; nothing was moved"
             )
+
+    def stop(self, *, success: bool = False) -> None:
+        """Write Stop and end the pending move, even when the IOC is gone.
+
+        ophyd's PVPositioner.stop raises when the Stop write fails, leaving the move's
+        status pending; a suspension after an IOC death would then fail the replayed move.
+        """
+        try:
+            self.stop_signal.put(self.stop_value, wait=False)
+        except Exception as exc:  # noqa: BLE001 - any CA failure: the IOC is gone
+            logger.warning("%s: Stop write to %s failed (%s); move marked done",
+                           self.name, self.stop_signal.pvname, exc)
+        # As EpicsMotor.stop does: the move ends now (PVPositioner's Device.stop never
+        # reaches PositionerBase.stop, so a dead IOC's DMOV would leave it pending).
+        PositionerBase.stop(self, success=success)
 
 
 class EnergyAxis(LimitedPositioner):
