@@ -97,3 +97,33 @@ def test_plan_reads_frame_only_through_trigger_and_read():
     from bluesky.plans import count
     RE(count([det2], num=3))
     assert n_reads == len(calls2)
+
+
+class _RepeatingSANS(SimSANSDetector):
+    """SANS twin that sends the previous frame again (counter stuck) at given triggers."""
+
+    def __init__(self, *args, repeat_at: tuple[int, ...], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.repeat_at, self.n_trig = repeat_at, 0
+
+    def trigger(self):
+        from ophyd.status import DeviceStatus
+
+        self.n_trig += 1
+        if self.n_trig not in self.repeat_at:
+            return super().trigger()
+        st = DeviceStatus(self)
+        st.set_finished()
+        return st
+
+
+def test_repeated_frames_are_written_but_not_counted():
+    blank = SANSSample("realistic", shape=(32, 32), count_rate=500.0, pixel_size_mm=30.0)
+    det = _RepeatingSANS(blank, rng=np.random.default_rng(1), repeat_at=(3, 4, 7))
+    RE = RunEngine({}, call_returns_result=True)
+    docs = []
+    RE.subscribe(lambda n, d: docs.append((n, d)))
+    outcome = RE(sans_kde_count(det, exposure=0.5, max_exposures=10, target_rel_error=1e-6,
+                                cadence=5)).plan_result
+    assert sum(1 for name, _ in docs if name == "event") == 10  # raw frames all written
+    assert outcome["repeated_frames"] == 3
