@@ -101,3 +101,102 @@ def test_compute_small_library_parallel_matches_serial_and_round_trips(tmp_path)
     with pytest.raises(SmartbeamInputError, match="not cached"):
         get_library(LibraryParams(ion="Ni2+", ten_dq_step=0.25), directory=tmp_path,
                     compute=False)
+
+
+def _edrixs_dense(emat, umat, lb, rb=None):
+    edrixs = pytest.importorskip("edrixs")
+    return edrixs.solvers.build_op(emat, umat, lb, rb, backend="dense", use_numba=False)
+
+
+def test_fock_operator_equals_edrixs_small_random():
+    from edrixs.fock_basis import FockBasisSpec
+
+    from smartbeam.analysis.library import fock_operator, fock_states
+
+    rng = np.random.default_rng(3)
+    n = 6
+    emat = rng.normal(size=(n, n)) + 1j * rng.normal(size=(n, n))
+    umat = rng.normal(size=(n,) * 4) + 1j * rng.normal(size=(n,) * 4)
+    umat[np.abs(umat) < 0.3] = 0.0  # some exact zeros, as in real Coulomb tensors
+    emat[0, 3] = 1e-11  # below edrixs' tolerance: dropped by both
+    left = FockBasisSpec(((4, 2), (2, 1)))
+    right = FockBasisSpec(((4, 3), (2, 0)))
+    sl, sr = fock_states(left), fock_states(right)
+    assert len(set(sl)) == len(sl) == 12
+    for args, mine in (((emat, umat, left), fock_operator(emat, umat, sl)),
+                       ((emat, None, left), fock_operator(emat, None, sl)),
+                       ((None, umat, left), fock_operator(None, umat, sl)),
+                       ((emat, umat, left, right), fock_operator(emat, umat, sl, sr))):
+        ref = _edrixs_dense(*args)
+        assert mine.shape == ref.shape and np.abs(ref).max() > 1
+        np.testing.assert_allclose(mine, ref, rtol=0, atol=1e-12)
+
+
+def test_fock_operator_equals_edrixs_mn2():
+    edrixs = pytest.importorskip("edrixs")
+    from smartbeam.analysis.library import fock_operator, fock_states
+
+    atom = edrixs.get_atom_data("Mn", "3d", 5, edge="L23")
+    s_i = [v * 0.8 for _, v in atom["slater_i"]]
+    s_n = [v * 0.8 for _, v in atom["slater_n"]]
+    emat_i, umat_i, basis_i, emat_n, umat_n, basis_n, trans, _ = edrixs.models.model_1v1c(
+        ("d", "p"), v_noccu=5, slater=(s_i, s_n),
+        v_soc=(atom["v_soc_i"][0], atom["v_soc_n"][0]), c_soc=atom["c_soc"])
+    st_i, st_n = fock_states(basis_i), fock_states(basis_n)
+    cf = np.zeros((16, 16), dtype=complex)
+    cf[:10, :10] = edrixs.cf_cubic_d(1.0)
+    cases = [((emat_i, umat_i, basis_i), (st_i,)), ((emat_n, umat_n, basis_n), (st_n,)),
+             ((cf, None, basis_n), (st_n,)), ((trans[0], None, basis_n, basis_i), (st_n, st_i))]
+    refs = []
+    for args, states in cases:
+        refs.append(_edrixs_dense(*args))
+        np.testing.assert_allclose(fock_operator(args[0], args[1], *states), refs[-1],
+                                   rtol=0, atol=1e-12)
+    ops = build_operators("Mn2+", 0.8)  # the library's operators are these matrices
+    for mine, ref in zip((ops.h0_i, ops.h0_n, ops.hcf_n, ops.trans[0]), refs, strict=True):
+        np.testing.assert_allclose(mine, ref, rtol=0, atol=1e-12)
+
+
+def test_fock_operator_bad_input():
+    from smartbeam.analysis.library import fock_operator
+
+    with pytest.raises(SmartbeamInputError, match="emat has shape"):
+        fock_operator(np.zeros((3, 4)), None, np.array([1, 2]))
+    with pytest.raises(SmartbeamInputError, match="umat has shape"):
+        fock_operator(np.zeros((3, 3)), np.zeros((3, 3, 3, 2)), np.array([1, 2]))
+    with pytest.raises(SmartbeamInputError, match="1-d"):
+        fock_operator(np.zeros((3, 3)), None, np.array([[1, 2]]))
+
+
+def test_block_eigh_matches_dense_eigh():
+    from smartbeam.analysis.library import block_eigh, invariant_blocks
+
+    rng = np.random.default_rng(5)
+    n, perm = 9, rng.permutation(9)
+    h0, h1 = np.zeros((n, n)), np.zeros((n, n))
+    for idx in (perm[:4], perm[4:6], perm[6:]):  # three hidden blocks
+        for h in (h0, h1):
+            a = rng.normal(size=(len(idx), len(idx)))
+            h[np.ix_(idx, idx)] = a + a.T
+    blocks = invariant_blocks(h0, h1)
+    assert sorted(map(len, blocks)) == [2, 3, 4]
+    assert sorted(np.concatenate(blocks)) == list(range(n))
+    e, v = block_eigh(h0, h1, 0.7, blocks)
+    h = h0 + 0.7 * h1
+    np.testing.assert_allclose(e, np.linalg.eigvalsh(h), atol=1e-12)
+    np.testing.assert_allclose(v @ np.diag(e) @ v.T, h, atol=1e-12)
+    np.testing.assert_allclose(v.T @ v, np.eye(n), atol=1e-12)
+    with pytest.raises(SmartbeamInputError, match="square"):
+        invariant_blocks(np.zeros((2, 3)))
+    with pytest.raises(SmartbeamInputError, match="cover"):
+        block_eigh(h0, h1, 0.7, blocks[:2])
+
+
+def test_fresh_mn2_library_equals_packaged():
+    # The packaged library was computed with edrixs' own operator builder and dense eigh.
+    lib = compute_library(LibraryParams(), n_jobs=1, progress=False)
+    ref = load_packaged_library()
+    np.testing.assert_array_equal(lib.energy, ref.energy)
+    np.testing.assert_allclose(lib.spectra, ref.spectra, rtol=0, atol=1e-8 * ref.spectra.max())
+    np.testing.assert_allclose(lib.spin, ref.spin, atol=1e-9)
+    assert lib.crossovers == ref.crossovers
