@@ -87,7 +87,8 @@ def test_background_and_steps_removed():
     assert resample(e, y, np.array([620.05]))[0] == pytest.approx(0.5 * (y[0] + y[1]))
 
 
-def test_vectorised_jsd_equals_scipy():
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_vectorised_jsd_equals_scipy(backend):
     from scipy.spatial.distance import cdist
 
     from smartbeam.analysis.similarity import jensenshannon_matrix
@@ -96,15 +97,71 @@ def test_vectorised_jsd_equals_scipy():
     a, b = rng.random((40, 300)), rng.random((9, 300))
     a[3, :120] = 0.0  # zero weights: 0 ln 0 = 0
     b[2, 200:] = 0.0
+    a[6, 150:] = 0.0  # zeros in both rows of a pair
     a[5] = 0.0  # no weight at all: maximal distance
     ref = cdist(a, b, "jensenshannon") / np.sqrt(np.log(2.0))
     ref[5] = 1.0
     # small chunks: the chunked loop must give the same matrix
     for chunk in (1_000, 1_000_000):
-        d = jensenshannon_matrix(a, b, chunk_bytes=chunk)
-        np.testing.assert_allclose(d, ref, rtol=0, atol=1e-10)
+        d = jensenshannon_matrix(a, b, chunk_bytes=chunk, backend=backend)
+        np.testing.assert_allclose(d, ref, rtol=1e-9, atol=0)
     assert np.array_equal(dissimilarity(a, b, "jsd"), jensenshannon_matrix(prepare(a, "jsd"),
                                                                            prepare(b, "jsd")))
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_jsd_on_spectrum_like_rows_equals_scipy(backend):
+    """Peaked rows with tails over 6 decades, near-identical pairs included (1e-9 relative)."""
+    from scipy.spatial.distance import cdist
+
+    from smartbeam.analysis.similarity import jensenshannon_matrix
+
+    rng = np.random.default_rng(3)
+    e = np.linspace(630.0, 662.0, 642)
+
+    def peaks(centres, width):
+        return sum(1.0 / (1.0 + ((e - c) / width) ** 2) for c in centres)
+
+    lib = np.stack([peaks((640.0 + 0.1 * k, 651.0), 0.3 + 0.01 * k) for k in range(31)])
+    meas = lib[[0, 9, 30]] * (1.0 + 0.03 * rng.standard_normal((3, 642)))
+    meas = np.vstack([meas, lib[9] + 0.05 * rng.standard_normal(642), lib[9] * 1.0001])
+    meas = prepare(meas, "jsd")
+    libp = prepare(lib, "jsd")
+    ref = cdist(meas, libp, "jensenshannon") / np.sqrt(np.log(2.0))
+    # scipy's sqrt of a rounding-negative divergence (identical rows) is NaN; ours clips to 0.
+    assert np.isnan(ref).sum() <= 1
+    ref = np.nan_to_num(ref, nan=0.0)
+    d = jensenshannon_matrix(meas, libp, backend=backend)
+    far = ref > 1e-3  # identical rows: a relative error of a zero distance means nothing
+    np.testing.assert_allclose(d[far], ref[far], rtol=1e-9, atol=0)
+    np.testing.assert_allclose(d[~far], ref[~far], rtol=0, atol=1e-6)
+    # the same row against itself: distance 0 up to rounding
+    assert jensenshannon_matrix(libp[:1], libp[:1], backend=backend)[0, 0] < 1e-6
+
+
+def test_jsd_log1p_polynomial_is_exact_to_rounding():
+    from smartbeam.analysis.similarity import _ATANH_COEFFS
+
+    r = np.concatenate([np.linspace(0.0, 1.0, 20001), np.geomspace(1e-300, 1.0, 2000)])
+    t = r / (2.0 + r)
+    u = t * t
+    g = np.polynomial.polynomial.polyval(u, _ATANH_COEFFS)
+    err = np.abs(2.0 * t * g - np.log1p(r))
+    assert err.max() <= 4.0 * np.finfo(float).eps * np.log(2.0)
+
+
+def test_jsd_backend_choice(monkeypatch):
+    from smartbeam.analysis import similarity
+    from smartbeam.analysis.similarity import jensenshannon_matrix
+
+    a, b = np.array([[1.0, 2.0, 0.0]]), np.array([[0.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    with pytest.raises(SmartbeamInputError, match="backend 'fortran' unknown"):
+        jensenshannon_matrix(a, b, backend="fortran")
+    fast = jensenshannon_matrix(a, b, backend="numba")
+    monkeypatch.setattr(similarity, "_numba_mixture_kernel", lambda: None)  # numba missing
+    np.testing.assert_allclose(jensenshannon_matrix(a, b), fast, rtol=1e-12)
+    with pytest.raises(SmartbeamInputError, match="numba is not installed"):
+        jensenshannon_matrix(a, b, backend="numba")
 
 
 def test_background_fit_is_joint_not_twice_subtracted():
