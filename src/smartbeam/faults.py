@@ -73,9 +73,11 @@ from .errors import SmartbeamError, SmartbeamInputError
 __all__ = [
     "FRAME_FLAGS",
     "FrameQualityMonitor",
+    "FrameSequence",
     "FrameVerdict",
     "IOCFaultError",
     "IOCSuspender",
+    "as_frame_counter",
     "check_frame",
     "guard_run_engine",
     "install_ioc_suspenders",
@@ -568,6 +570,48 @@ def check_frame(frame: Any, *, shape: tuple[int, ...] | None = None,
     return FrameVerdict("ok", True), digest
 
 
+def as_frame_counter(value: Any) -> int | None:
+    """A detector frame counter as read (number, NaN, missing, garbage) as an int or None."""
+    try:
+        return int(value) if value is not None and np.isfinite(value) else None
+    except (TypeError, ValueError):
+        return None
+
+
+class FrameSequence:
+    """The frames of one run checked in order by :func:`check_frame`.
+
+    Keeps what the rules compare a frame with: the highest frame counter seen (a rejected
+    frame still arrived; only a gap means frames are missing) and the digest of the last
+    accepted frame.
+
+    Parameters
+    ----------
+    shape
+        Expected frame shape (``None``: any 2-D shape).
+    min_repeat_counts
+        Passed to :func:`check_frame`.
+    """
+
+    def __init__(self, *, shape: tuple[int, ...] | None = None,
+                 min_repeat_counts: float = 10.0) -> None:
+        self.shape = shape
+        self.min_repeat_counts = float(min_repeat_counts)
+        self.counter: int | None = None
+        self.digest: bytes | None = None
+
+    def check(self, frame: Any, counter: int | None = None) -> FrameVerdict:
+        """Verdict on the next frame (``counter``: see :func:`as_frame_counter`)."""
+        verdict, digest = check_frame(frame, shape=self.shape, counter=counter,
+                                      previous_counter=self.counter, previous_digest=self.digest,
+                                      min_repeat_counts=self.min_repeat_counts)
+        if verdict.accepted:
+            self.digest = digest
+        if counter is not None and (self.counter is None or counter > self.counter):
+            self.counter = counter
+        return verdict
+
+
 class FrameQualityMonitor(DerivedStreamRouter):
     """Check every frame of a run and write a ``frame_quality`` stream into it.
 
@@ -605,9 +649,7 @@ class FrameQualityMonitor(DerivedStreamRouter):
 
     def start(self, doc):
         self._desc: dict[str, tuple[str, str | None]] = {}
-        self._shape: tuple[int, ...] | None = None
-        self._prev_counter: int | None = None
-        self._prev_digest: bytes | None = None
+        self._frames = FrameSequence(min_repeat_counts=self.min_repeat_counts)
         self.counts = dict.fromkeys(FRAME_FLAGS, 0)
         self._missing = 0
         return doc
@@ -623,25 +665,16 @@ class FrameQualityMonitor(DerivedStreamRouter):
             return doc
         ckey = self.counter_key or next((k for k in keys if k.endswith("array_counter")), None)
         self._desc[doc["uid"]] = (ikey, ckey if ckey in keys else None)
-        if self._shape is None and keys[ikey].get("shape"):
-            self._shape = tuple(int(n) for n in keys[ikey]["shape"])
+        if self._frames.shape is None and keys[ikey].get("shape"):
+            self._frames.shape = tuple(int(n) for n in keys[ikey]["shape"])
         return doc
 
     def event(self, doc):
         if doc["descriptor"] not in self._desc:
             return doc
         ikey, ckey = self._desc[doc["descriptor"]]
-        counter = doc["data"].get(ckey) if ckey else None
-        counter = int(counter) if counter is not None and np.isfinite(counter) else None
-        verdict, digest = check_frame(doc["data"].get(ikey), shape=self._shape,
-                                      counter=counter, previous_counter=self._prev_counter,
-                                      previous_digest=self._prev_digest,
-                                      min_repeat_counts=self.min_repeat_counts)
-        if verdict.accepted:
-            self._prev_digest = digest
-        if counter is not None and (self._prev_counter is None or counter > self._prev_counter):
-            # a rejected frame still arrived: only a gap in the counter means frames are missing
-            self._prev_counter = counter
+        counter = as_frame_counter(doc["data"].get(ckey) if ckey else None)
+        verdict = self._frames.check(doc["data"].get(ikey), counter)
         self.counts[verdict.flag] += 1
         self._missing += verdict.n_dropped
         if verdict.flag != "ok":

@@ -166,8 +166,7 @@ class LiveKDE(DerivedStreamRouter):
         self._since_emit = 0
         self.n_repeated = 0
         self.n_missing = 0
-        self._prev_counter: int | None = None
-        self._prev_digest: bytes | None = None
+        self._frames = None  # smartbeam.faults.FrameSequence of the current run
         self._n_rows = 0
         self._bad_shape: tuple[int, int] | None = None
         self._fig = None
@@ -195,8 +194,7 @@ class LiveKDE(DerivedStreamRouter):
         self._bad_shape = None
         self.n_repeated = 0
         self.n_missing = 0
-        self._prev_counter = None
-        self._prev_digest = None
+        self._frames = None
         return doc
 
     def _geometry_for(self, shape: tuple[int, int]) -> Geometry:
@@ -294,25 +292,17 @@ class LiveKDE(DerivedStreamRouter):
         means: skip the frame (counted in ``n_repeated``). Bad values and shapes are left
         to the smoothing's own checks, which flag them."""
         # imported here: smartbeam.faults imports this package (callbacks.derived)
-        from smartbeam.faults import check_frame
+        from smartbeam.faults import FrameSequence, as_frame_counter
 
-        try:
-            counter = int(counter) if counter is not None and np.isfinite(counter) else None
-        except (TypeError, ValueError):
-            counter = None
-        verdict, digest = check_frame(frame, counter=counter,
-                                      previous_counter=self._prev_counter,
-                                      previous_digest=self._prev_digest)
-        if counter is not None and (self._prev_counter is None or counter > self._prev_counter):
-            self._prev_counter = counter
+        if self._frames is None:
+            self._frames = FrameSequence()
+        verdict = self._frames.check(frame, as_frame_counter(counter))
         self.n_missing += verdict.n_dropped
         if verdict.flag == "repeated":
             self.n_repeated += 1
             logger.warning("LiveKDE: frame %s not summed: %s", doc.get("seq_num"),
                            verdict.detail)
             return True
-        if verdict.accepted:
-            self._prev_digest = digest
         return False
 
     def finalize(self, stop_doc: dict) -> None:

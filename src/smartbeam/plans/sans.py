@@ -46,30 +46,6 @@ def _check_centre(centre) -> list[float] | None:
     return [cx, cy]
 
 
-def _repeated_frame(frame: np.ndarray, readings: dict, detector, state: dict) -> bool:
-    """The repeated-frame rule of :func:`smartbeam.faults.check_frame` (as LiveKDE applies
-    it), with the detector's frame counter when it has one."""
-    # imported here: smartbeam.faults imports the callbacks package, which imports plans
-    from smartbeam.faults import check_frame
-
-    counter_sig = getattr(detector, "array_counter", None)
-    counter = readings.get(counter_sig.name, {}).get("value") if counter_sig is not None else None
-    try:
-        counter = int(counter) if counter is not None else None
-    except (TypeError, ValueError):
-        counter = None
-    verdict, digest = check_frame(frame, counter=counter,
-                                  previous_counter=state.get("counter"),
-                                  previous_digest=state.get("digest"))
-    if counter is not None and (state.get("counter") is None or counter > state["counter"]):
-        state["counter"] = counter
-    if verdict.flag == "repeated":
-        return True
-    if verdict.accepted:
-        state["digest"] = digest
-    return False
-
-
 def sans_kde_count(detector: Readable, *, exposure: float = 1.0, max_exposures: int = 100,
                    target_rel_error: float = 0.05, cadence: int = 5, product: str = "map",
                    beam_centre: list[float] | None = None,
@@ -141,7 +117,13 @@ def sans_kde_count(detector: Readable, *, exposure: float = 1.0, max_exposures: 
 
     @bpp.run_decorator(md=_md)
     def counting():
+        # imported here: smartbeam.faults imports the callbacks package, which imports plans
+        from smartbeam.faults import FrameSequence, as_frame_counter
+
         image_key = detector.image.name
+        counter_sig = getattr(detector, "array_counter", None)
+        counter_key = counter_sig.name if counter_sig is not None else None
+        frames = FrameSequence()
         for i in range(int(max_exposures)):
             readings = yield from bps.trigger_and_read([detector])
             frame = np.asarray(readings[image_key]["value"])
@@ -150,7 +132,8 @@ def sans_kde_count(detector: Readable, *, exposure: float = 1.0, max_exposures: 
                 geometry = _geometry(frame.shape, mask, centre, beamstop_radius_px)
                 state["stream"] = StreamingKDE(geometry, product=product)
             stream = state["stream"]
-            if _repeated_frame(frame, readings, detector, state):
+            counter = readings.get(counter_key, {}).get("value") if counter_key else None
+            if frames.check(frame, as_frame_counter(counter)).flag == "repeated":
                 # the detector sent the previous frame again: written raw, not summed
                 logger.warning("sans_kde_count: frame %d is a repeat, not summed", i + 1)
                 outcome["repeated_frames"] = outcome.get("repeated_frames", 0) + 1
