@@ -140,11 +140,11 @@ def restrict_device_parameters(namespace: MutableMapping[str, Any],
     """
     from bluesky_queueserver import parameter_annotation_decorator
 
+    families = {p: c if isinstance(c, tuple) else (c,) for p, c in families.items()}
     for prefix, classes in families.items():
-        classes = classes if isinstance(classes, tuple) else (classes,)
         if not prefix or not classes or not all(isinstance(c, type) for c in classes):
             raise SmartbeamInputError(
-                f"family {prefix!r}: {families[prefix]!r}; expected a non-empty plan-name "
+                f"family {prefix!r}: {classes!r}; expected a non-empty plan-name "
                 "prefix mapped to a device class or a tuple of device classes")
     restricted: dict[str, dict[str, list[str]]] = {}
     for name, obj in list(namespace.items()):
@@ -153,7 +153,7 @@ def restrict_device_parameters(namespace: MutableMapping[str, Any],
         prefix = next((p for p in families if name.startswith(p)), None)
         if prefix is None:
             continue
-        classes = families[prefix] if isinstance(families[prefix], tuple) else (families[prefix],)
+        classes = families[prefix]
         # The enum's type name is what the queueserver shows as the parameter's type.
         type_name = "_or_".join(c.__name__ for c in classes)
         devices = _device_names(namespace, classes)
