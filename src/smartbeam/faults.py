@@ -226,7 +226,6 @@ class IOCSuspender(SuspenderBase):
         self._thread: threading.Thread | None = None
         self.trips: list[str] = []
         super().__init__(probe, sleep=sleep, tripped_message=tripped_message,
-                         pre_plan=self._release_moves_plan,
                          post_plan=self._restore_plan if restore else None)
 
     def __repr__(self) -> str:
@@ -400,31 +399,6 @@ class IOCSuspender(SuspenderBase):
         name = getattr(self.device, "name", "?")
         text = f"IOC of {name!r} faulty: {self._reason() or 'recovering'}"
         return ": ".join(s for s in (text, self._tripped_message) if s)
-
-    def _release_moves_plan(self):
-        """Finish the watched positioners' interrupted moves as bluesky intends.
-
-        At a suspension bluesky calls ``stop(success=True)`` on every moved object; an
-        ophyd PVPositioner first writes its Stop PV, which fails on a dead IOC, so its move
-        status stays pending, and the replayed move later fails it (ophyd fails a pending
-        move when a new one starts): the plan would die with ``FailedStatus``. The move is
-        replayed from the checkpoint anyway, so the old one is marked done here.
-        """
-        from bluesky import plan_stubs as bps
-        from ophyd.positioner import PositionerBase
-
-        stack = [self.device]
-        while stack:
-            obj = stack.pop()
-            # unconditionally: ``moving`` of a PVPositioner reads a PV; no pending move = no-op
-            if isinstance(obj, PositionerBase):
-                try:
-                    PositionerBase.stop(obj, success=True)  # no PV write, just the status
-                except Exception as exc:
-                    logger.warning("could not release the move of %s: %r", obj.name, exc)
-            stack.extend(getattr(obj, attr) for attr in getattr(obj, "component_names", ())
-                         if not getattr(type(obj), attr).lazy)
-        yield from bps.null()
 
     def _restore_plan(self):
         """Write the healthy configuration back (a restarted IOC has its defaults)."""
