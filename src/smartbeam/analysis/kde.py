@@ -30,6 +30,7 @@ from .kde_filters import (
     masked_gaussian,
     ring_gaussian,
 )
+from .kde_score import RowScorer
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -201,7 +202,7 @@ class Geometry:
         self.bins = {"radial": radial, "sector": np.where(in_sector, radial, -1)}
         self.maskf = mask.astype(np.float32)
         self._iso: dict[float, IsoFilter] = {}
-        self._score_index: dict[int, np.ndarray] = {}
+        self._score_index: dict[int, tuple] = {}
         self._scratch: dict[int, np.ndarray] = {}
         self._mask_weight: dict[float, np.ndarray] = {}
         self._regions: dict[tuple, list] = {}
@@ -249,18 +250,48 @@ class Geometry:
     def score_index(self, max_pixels: int | None) -> np.ndarray:
         """Sorted flat indices of the valid pixels scored by the cross-validation.
 
-        All valid pixels when there are at most ``max_pixels`` of them; otherwise a fixed
-        (seeded, so every call agrees) uniform random subsample, so each band keeps its
-        share of pixels without the aliasing of a regular stride.
+        All valid pixels when there are at most ``max_pixels`` of them; otherwise the
+        valid pixels of whole detector rows (:meth:`score_rows`).
+        """
+        return self.score_rows(max_pixels)[1]
+
+    def score_rows(self, max_pixels: int | None) -> tuple[np.ndarray | None, np.ndarray]:
+        """Rows and flat indices of the valid pixels scored by the cross-validation.
+
+        With more than ``max_pixels`` valid pixels, a fixed (seeded, so every call
+        agrees) stratified random set of whole rows (one per stratum of equal height)
+        holding about ``max_pixels`` valid pixels: every radial band keeps its share of
+        pixels on average, without the aliasing of a regular stride, and a separable
+        kernel needs its second pass on those rows only (:mod:`.kde_score`).
+
+        Returns
+        -------
+        rows, idx
+            ``rows`` is ``None`` when every valid pixel is scored.
         """
         key = -1 if max_pixels is None else int(max_pixels)
         if key not in self._score_index:
             flat = np.flatnonzero(self.mask)
+            rows = None
             if max_pixels is not None and flat.size > max_pixels:
-                pick = np.random.default_rng(12345).choice(flat.size, int(max_pixels),
-                                                           replace=False)
-                flat = flat[np.sort(pick)]
-            self._score_index[key] = flat
+                ny = self.shape[0]
+                n_rows = int(np.ceil(max_pixels / (flat.size / ny)))
+                if n_rows < ny:
+                    edges = np.linspace(0, ny, n_rows + 1).astype(np.int64)
+                    rng = np.random.default_rng(12345)
+                    rows = np.unique(edges[:-1] + (rng.random(n_rows)
+                                                   * (edges[1:] - edges[:-1])).astype(np.int64))
+                    flat = flat[np.isin(flat // self.shape[1], rows)]
+            self._score_index[key] = (rows, flat)
+        return self._score_index[key]
+
+    def row_scorer(self, max_pixels: int) -> RowScorer:
+        """The :class:`~smartbeam.analysis.kde_score.RowScorer` of :meth:`score_rows`
+        (cached: it keeps gather indices and normalisers of the scored pixels)."""
+        key = ("scorer", int(max_pixels))
+        if key not in self._score_index:
+            rows, idx = self.score_rows(max_pixels)
+            self._score_index[key] = RowScorer(self, rows, idx)
         return self._score_index[key]
 
     def masked32(self, frame: np.ndarray, slot: int | None = None) -> np.ndarray:
@@ -707,7 +738,9 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         raise SmartbeamInputError(f"search={search!r}: expected 'auto', 'full' or 'coarse'")
     x = validate_frame(counts, geometry.shape, "counts")
     rng = np.random.default_rng(rng)
-    idx = geometry.score_index(max_score_pixels) if product == "map" else None
+    rows, idx = geometry.score_rows(max_score_pixels) if product == "map" else (None, None)
+    # scored rows only: candidates are evaluated on those rows, not on the whole frame
+    scorer = None if rows is None else geometry.row_scorer(max_score_pixels)
     if search == "auto":
         search = "coarse" if int(geometry.mask.sum()) > 65536 else "full"
     plan = _SearchPlan(candidates)
@@ -717,12 +750,18 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
                                                                          product)
 
     # chi^2 weights from a pilot estimate, floored so empty regions do not dominate
-    pilot, _ = smooth(x, geometry, Kernel.iso(2.0))
-    pilot_mean = float(pilot[geometry.mask].mean())
+    if scorer is None:
+        pilot, _ = smooth(x, geometry, Kernel.iso(2.0))
+        pilot_at = profile(pilot)
+        pilot_mean = float(pilot[geometry.mask].mean())
+    else:
+        # at the scored pixels only (their mean stands for the frame's: a random row set)
+        pilot_at = scorer.iso(geometry.masked32(x, slot=0), [2.0])[0]
+        pilot_mean = float(pilot_at.mean())
     floor = max(0.05 * pilot_mean, 1e-12)
-    pilot_p = profile(np.maximum(pilot, floor)).astype(np.float64)
+    pilot_p = np.maximum(pilot_at, floor).astype(np.float64)
     # the signal (for relative errors) from the unfloored pilot
-    pilot_signal = profile(np.maximum(pilot, 0.0)).astype(np.float64)
+    pilot_signal = np.maximum(pilot_at, 0.0).astype(np.float64)
     if idx is not None:
         nb = np.ones(idx.size)
         band_of = geometry.band.ravel()[idx]
@@ -748,55 +787,80 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
     for s_ in range(n_splits):
         halves = thin(x, rng)
         h32 = [geometry.masked32(h, slot=2 + 2 * s_ + j) for j, h in enumerate(halves)]
-        raw = [np.where(ok, profile(h).astype(np.float64), 0.0) for h in h32]
+        prof = [profile(h) for h in h32]
+        raw = [np.where(ok, p_.astype(np.float64), 0.0) for p_ in prof]
         # Poisson variance of one half's bin, estimated by its own (unbiased) counts
         noise = np.where(ok, 0.5 * (raw[0] + raw[1]) / nb_safe, 0.0)
         chi2_noise += band_sum(noise * weight)
         sig2 += band_sum(np.where(ok, (pilot_signal / 2) ** 2, 0.0))
         # ring kernels: one FFT along the ring per half, one inverse per sigma_ring, shared
         # by every sigma_q (the candidates come grouped by sigma_ring)
-        splits.append({"h32": h32, "raw": raw, "noise": noise, "cells": [None, None],
+        splits.append({"h32": h32, "prof": prof, "raw": raw, "noise": noise,
+                       "cells": [None, None],
                        "spectra": [None, None], "ring_done": {}})
 
-    def ring_values(sp: dict, j: int, kern: Kernel) -> np.ndarray:
+    def ring_grid(sp: dict, j: int, sigma_ring: float) -> np.ndarray:
+        """Polar cells of half ``j`` filtered along the ring (cached per search)."""
         cells, spectra = sp["cells"], sp["spectra"]
         if cells[j] is None:
             cells[j] = polar.to_cells(sp["h32"][j])
-        key = (j, kern.sigma_ring)
+        key = (j, sigma_ring)
         if key not in sp["ring_done"]:
             # keep ring-filtered grids for later search stages while they fit in ~100 MB
             while sp["ring_done"] and (len(sp["ring_done"]) + 1) * cells[j].nbytes > 100e6:
                 sp["ring_done"].pop(next(iter(sp["ring_done"])))
-            if kern.sigma_ring > 0:
+            if sigma_ring > 0:
                 if spectra[j] is None:
                     spectra[j] = sfft.rfft(cells[j], axis=1)
-                sp["ring_done"][key] = polar.filter_ring(spectra[j], kern.sigma_ring)
+                sp["ring_done"][key] = polar.filter_ring(spectra[j], sigma_ring)
             else:
                 sp["ring_done"][key] = cells[j]
-        cell_val = polar.filter_q(sp["ring_done"][key], kern.sigma_q)
+        return sp["ring_done"][key]
+
+    def ring_values(sp: dict, j: int, kern: Kernel) -> np.ndarray:
+        cell_val = polar.filter_q(ring_grid(sp, j, kern.sigma_ring), kern.sigma_q)
         inv = polar.inv_den(kern.sigma_q, kern.sigma_ring)
         if idx is not None:
             # only the scored pixels are read back from the polar cells
             return cell_val.ravel()[scored_cells] * inv.ravel()[scored_cells]
         return profile(polar.to_pixels(cell_val * inv))
 
+    def half_values(sp: dict, j: int, todo: Sequence[int]) -> dict[int, np.ndarray]:
+        """Product values of every candidate in ``todo`` smoothed from half ``j``."""
+        h = sp["h32"][j]
+        vals: dict[int, np.ndarray] = {}
+        iso = [c for c in todo if candidates[c].kind == "iso" and candidates[c].sigma_q > 0]
+        for c in todo:
+            if candidates[c].kind == "iso" and candidates[c].sigma_q <= 0:
+                vals[c] = sp["prof"][j]
+        if scorer is not None:
+            for c, v in zip(iso, scorer.iso(h, [candidates[c].sigma_q for c in iso]),
+                            strict=True):
+                vals[c] = v
+        else:
+            for c in iso:
+                vals[c] = profile(geometry.iso_filter(candidates[c].sigma_q).apply(h))
+        # ring candidates grouped by sigma_ring: one inverse FFT per sigma_ring, shared
+        # by every sigma_q
+        ring: dict[float, list[int]] = {}
+        for c in todo:
+            if candidates[c].kind == "ring":
+                ring.setdefault(candidates[c].sigma_ring, []).append(c)
+        for sr, cs in sorted(ring.items()):
+            if scorer is not None:
+                out = scorer.ring(ring_grid(sp, j, sr), sr, [candidates[c].sigma_q for c in cs])
+                vals.update(zip(cs, out, strict=True))
+            else:
+                for c in cs:
+                    vals[c] = ring_values(sp, j, candidates[c])
+        return vals
+
     def evaluate(todo: Sequence[int]) -> None:
-        # ring candidates grouped by sigma_ring (see ring_values); scores keep their rows
-        order = sorted(todo, key=lambda c: (candidates[c].kind != "ring",
-                                            candidates[c].sigma_ring))
         for sp in splits:
-            h32, raw, noise = sp["h32"], sp["raw"], sp["noise"]
-            for c in order:
-                kern = candidates[c]
-                est = []
-                for j in (0, 1):
-                    if kern.kind == "iso":
-                        sm = h32[j] if kern.sigma_q <= 0 else \
-                            geometry.iso_filter(kern.sigma_q).apply(h32[j])
-                        pj = profile(sm)
-                    else:
-                        pj = ring_values(sp, j, kern)
-                    est.append(np.where(ok, pj.astype(np.float64), 0.0))
+            raw, noise = sp["raw"], sp["noise"]
+            both = [half_values(sp, j, todo) for j in (0, 1)]
+            for c in todo:
+                est = [np.where(ok, both[j][c].astype(np.float64), 0.0) for j in (0, 1)]
                 # two-fold CV: each smoothed half scored against the other raw half
                 err = 0.5 * ((est[0] - raw[1]) ** 2 + (est[1] - raw[0]) ** 2)
                 score[c] += band_sum(err * weight)
