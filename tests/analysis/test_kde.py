@@ -274,3 +274,30 @@ def test_coarse_search_close_to_full_and_never_worse_than_raw():
     assert np.isfinite(coarse.rel_error_at(1.0)) and np.isfinite(coarse.scale_to_target(0.01))
     with pytest.raises(SmartbeamInputError, match="search"):
         select_bandwidths(x, g, search="greedy")
+
+
+def test_narrow_fast_sum_spills_and_widens_exactly():
+    from smartbeam.analysis import kde_stream
+
+    if kde_stream._fused_add() is None:
+        pytest.skip("numba not installed")
+    acc = FrameAccumulator()
+    frame = np.full((8, 8), 30000, np.int32)
+    frame[2, 3] = 1
+    for _ in range(5):  # passes 65,535 on most pixels: spilled into int64 on the way
+        acc.add(frame)
+    assert acc._sum.dtype == np.uint16 and acc._sum.max() <= 65535
+    np.testing.assert_array_equal(acc.total, 5 * frame.astype(np.int64))
+    big = np.full((8, 8), 70000, np.int32)  # beyond uint16 on its own: widened, exact
+    acc.add(big)
+    assert acc._sum.dtype == np.int32
+    np.testing.assert_array_equal(acc.total, 5 * frame.astype(np.int64) + 70000)
+    # a frame of a dtype outside the fused path next: its bound covers the fast sum
+    acc.add(np.full((8, 8), 2**31 - 100, np.uint64))
+    np.testing.assert_array_equal(acc.total, 5 * frame.astype(np.int64) + 70000 + 2**31 - 100)
+
+
+def test_total_without_spill_is_int32():
+    acc = FrameAccumulator()
+    acc.add(np.full((4, 4), 7, np.uint16))
+    assert acc.total.dtype in (np.int32, np.int64) and np.all(acc.total == 7)
