@@ -101,17 +101,24 @@ def test_vectorised_jsd_equals_scipy(backend):
     a[5] = 0.0  # no weight at all: maximal distance
     ref = cdist(a, b, "jensenshannon") / np.sqrt(np.log(2.0))
     ref[5] = 1.0
+    # numba works in single precision (non-negative terms: nothing cancels), numpy in double.
+    rtol = 1e-5 if backend == "numba" else 1e-9
     # small chunks: the chunked loop must give the same matrix
     for chunk in (1_000, 1_000_000):
         d = jensenshannon_matrix(a, b, chunk_bytes=chunk, backend=backend)
-        np.testing.assert_allclose(d, ref, rtol=1e-9, atol=0)
+        np.testing.assert_allclose(d, ref, rtol=rtol, atol=0)
     assert np.array_equal(dissimilarity(a, b, "jsd"), jensenshannon_matrix(prepare(a, "jsd"),
                                                                            prepare(b, "jsd")))
 
 
 @pytest.mark.parametrize("backend", ["numba", "numpy"])
 def test_jsd_on_spectrum_like_rows_equals_scipy(backend):
-    """Peaked rows with tails over 6 decades, near-identical pairs included (1e-9 relative)."""
+    """Peaked rows with tails over 6 decades, near-identical pairs included.
+
+    1e-9 relative in double precision (numpy). In single precision (numba) the terms of
+    spectra that differ by a few % per point are differences of numbers ~30 times larger,
+    so ~1e-4.
+    """
     from scipy.spatial.distance import cdist
 
     from smartbeam.analysis.similarity import jensenshannon_matrix
@@ -133,21 +140,23 @@ def test_jsd_on_spectrum_like_rows_equals_scipy(backend):
     ref = np.nan_to_num(ref, nan=0.0)
     d = jensenshannon_matrix(meas, libp, backend=backend)
     far = ref > 1e-3  # identical rows: a relative error of a zero distance means nothing
-    np.testing.assert_allclose(d[far], ref[far], rtol=1e-9, atol=0)
-    np.testing.assert_allclose(d[~far], ref[~far], rtol=0, atol=1e-6)
+    rtol, atol = (2e-4, 1e-4) if backend == "numba" else (1e-9, 1e-6)
+    np.testing.assert_allclose(d[far], ref[far], rtol=rtol, atol=0)
+    np.testing.assert_allclose(d[~far], ref[~far], rtol=0, atol=atol)
+    # the ranking of library entries, which the estimator uses, is the same as scipy's
+    assert np.array_equal(np.argsort(d[:3], axis=1), np.argsort(ref[:3], axis=1))
     # the same row against itself: distance 0 up to rounding
     assert jensenshannon_matrix(libp[:1], libp[:1], backend=backend)[0, 0] < 1e-6
 
 
-def test_jsd_log1p_polynomial_is_exact_to_rounding():
-    from smartbeam.analysis.similarity import _ATANH_COEFFS
+def test_jsd_log1p_polynomial_is_exact_to_single_precision():
+    from smartbeam.analysis.similarity import _LOG1P_COEFFS
 
-    r = np.concatenate([np.linspace(0.0, 1.0, 20001), np.geomspace(1e-300, 1.0, 2000)])
-    t = r / (2.0 + r)
-    u = t * t
-    g = np.polynomial.polynomial.polyval(u, _ATANH_COEFFS)
-    err = np.abs(2.0 * t * g - np.log1p(r))
-    assert err.max() <= 4.0 * np.finfo(float).eps * np.log(2.0)
+    w = np.concatenate([np.linspace(0.0, 1.0, 20001), np.geomspace(1e-30, 1.0, 2000)])
+    t = w / (2.0 + w)
+    g = np.polynomial.polynomial.polyval(t * t, np.float32(_LOG1P_COEFFS).astype(float))
+    rel = np.abs(t * g - np.log1p(w)) / np.maximum(np.log1p(w), np.finfo(float).tiny)
+    assert rel.max() <= 2.0 * np.finfo(np.float32).eps
 
 
 def test_jsd_backend_choice(monkeypatch):
@@ -158,8 +167,8 @@ def test_jsd_backend_choice(monkeypatch):
     with pytest.raises(SmartbeamInputError, match="backend 'fortran' unknown"):
         jensenshannon_matrix(a, b, backend="fortran")
     fast = jensenshannon_matrix(a, b, backend="numba")
-    monkeypatch.setattr(similarity, "_numba_mixture_kernel", lambda: None)  # numba missing
-    np.testing.assert_allclose(jensenshannon_matrix(a, b), fast, rtol=1e-12)
+    monkeypatch.setattr(similarity, "_numba_divergence_kernel", lambda: None)  # numba missing
+    np.testing.assert_allclose(jensenshannon_matrix(a, b), fast, rtol=1e-6)
     with pytest.raises(SmartbeamInputError, match="numba is not installed"):
         jensenshannon_matrix(a, b, backend="numba")
 
@@ -173,3 +182,17 @@ def test_background_fit_is_joint_not_twice_subtracted():
     y = 0.3 + 0.004 * (e - 620) + 1.7 * step
     out = remove_background(e, y, pre_edge_max=634, post_edge_min=660, l3=640, l2=651)
     assert np.abs(out).max() < 1e-9
+
+
+@pytest.mark.parametrize("measure", ["euclidean", "cityblock", "cosine", "pearson", "jsd", "emd"])
+def test_blocked_dissimilarity_equals_one_block(monkeypatch, measure):
+    from smartbeam.analysis import similarity
+
+    rng = np.random.default_rng(11)
+    a, b = rng.random((37, 50)), rng.random((5, 50))
+    whole = dissimilarity(a, b, measure, step=0.1)
+    monkeypatch.setattr(similarity, "_BLOCK_ELEMENTS", 50 * 4)  # blocks of 4 rows, the last of 1
+    np.testing.assert_allclose(dissimilarity(a, b, measure, step=0.1), whole, rtol=1e-12, atol=0)
+    pa, pb = prepare(a, measure), prepare(b, measure)
+    np.testing.assert_allclose(dissimilarity(pa, pb, measure, step=0.1, prepared=True), whole,
+                               rtol=1e-12, atol=0)
