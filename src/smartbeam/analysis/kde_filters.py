@@ -187,7 +187,8 @@ class PolarGrid:
     centre
         Beam centre ``(x, y)`` in pixels (0-based).
     n_phi
-        Number of azimuthal cells; default gives ~1 px of arc at the detector corner.
+        Number of azimuthal cells; default gives ~1 px of arc at the detector corner
+        (rounded up to a fast FFT length).
     """
 
     mask: np.ndarray
@@ -204,19 +205,23 @@ class PolarGrid:
         self.phi = np.arctan2(dy, dx)
         self.n_r = int(self.r.max()) + 1
         if self.n_phi is None:
-            self.n_phi = int(2 * np.ceil(np.pi * self.r.max()))
+            # ~1 px of arc at the farthest pixel, rounded up to a length pocketfft
+            # transforms fast (4550 -> 4608 at 1024^2: ~20% faster ring FFTs)
+            self.n_phi = sfft.next_fast_len(int(2 * np.ceil(np.pi * self.r.max())), real=True)
         self.n_phi = max(16, int(self.n_phi))
         rb = self.r.astype(np.int64)
         pb = ((self.phi + np.pi) / (2 * np.pi) * self.n_phi).astype(np.int64) % self.n_phi
         self.cell = rb * self.n_phi + pb
         self._valid_cell = self.cell[self.mask]
+        self._valid_flat = np.flatnonzero(self.mask)
         self.n_cell = np.bincount(self._valid_cell, minlength=self.n_r * self.n_phi).astype(
             np.float32).reshape(self.n_r, self.n_phi)
         self.r_centre = np.arange(self.n_r) + 0.5
 
     def to_cells(self, frame: np.ndarray) -> np.ndarray:
         """Sum of ``frame`` over the valid pixels of each polar cell, float32 (n_r, n_phi)."""
-        return np.bincount(self._valid_cell, weights=frame[self.mask],
+        # a flat take of the valid pixels is cheaper than boolean indexing
+        return np.bincount(self._valid_cell, weights=np.take(frame, self._valid_flat),
                            minlength=self.n_r * self.n_phi).reshape(
                                self.n_r, self.n_phi).astype(np.float32)
 

@@ -210,11 +210,18 @@ def _throughput(quick: bool, rng: np.random.Generator) -> dict:
         acc.add(f2048)  # allocates the sum (and compiles the kernel once)
         key = "accumulate_fps_2048" + ("" if check else "_unchecked")
         out[key] = 1e3 / _median_ms(lambda acc=acc: acc.add(f2048), n_acc, cpu, key)
+    # accumulate_fps_2048 is the detector's frame dtype: the SANS twin and SANSDetector
+    # emit int32 frames; other integer dtypes beside it
+    out["accumulate_frame_dtype"] = str(f2048.dtype)
+    for dt in (np.uint16, np.uint32):
+        acc = FrameAccumulator()
+        fdt = f2048.astype(dt)
+        acc.add(fdt)
+        key = f"accumulate_fps_2048_{np.dtype(dt).name}"
+        out[key] = 1e3 / _median_ms(lambda acc=acc, f=fdt: acc.add(f), n_acc, cpu, key)
     acc = FrameAccumulator()
-    f16 = f2048.astype(np.uint16)
-    acc.add(f16)
-    out["accumulate_fps_2048_uint16"] = 1e3 / _median_ms(lambda: acc.add(f16), n_acc, cpu,
-                                                         "accumulate_fps_2048_uint16")
+    acc.add(f2048)
+    out["accumulate_sum_dtype"] = str(acc._sum.dtype)
     f128 = rng.poisson(0.5, (128, 128)).astype(np.int32)
     acc = FrameAccumulator()
     acc.add(f128)
