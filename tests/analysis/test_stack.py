@@ -42,7 +42,59 @@ def test_noiseless_stack_recovers_truth_exactly(sample):
     truth = sample.true_moment_maps()
     np.testing.assert_allclose(m.m_orb, truth["m_orb"], atol=2e-3)
     np.testing.assert_allclose(m.m_spin, truth["m_spin"], atol=2e-2)
-    assert m.m_orb.shape == (N, N) and m.rank == (2, 2)
+    # One phase, exact OD (no I0 offset): s and d are each one shape times a map.
+    assert m.m_orb.shape == (N, N) and m.rank == (1, 1)
+
+
+def test_rank_from_noise_drops_noise_components_and_keeps_real_ones(sample):
+    rng = np.random.default_rng(6)
+    e = np.linspace(695, 735, 41)
+    cp, cm = _stack(sample, e, rng)
+    odp, vp = optical_density(cp)
+    odm, vm = optical_density(cm)
+    truth = sample.true_moment_maps()["m_orb"]
+    auto = StackModel(695, 735, 3.39, edges=(707.8, 720.8)).fit(e, odp, odm, vp, vm).moments()
+    fixed = StackModel(695, 735, 3.39, edges=(707.8, 720.8), rank_from_noise=False).fit(
+        e, odp, odm, vp, vm).moments()
+    assert auto.rank == (2, 1) and fixed.rank == (2, 2)
+    # The noise component kept by the fixed rank adds its noise to every pixel.
+    rmse = [float(np.sqrt(np.mean((m.m_orb - truth) ** 2))) for m in (auto, fixed)]
+    assert rmse[0] < rmse[1]
+    # A second dichroic phase (another spectral shape) is real signal: it is kept.
+    shifted = np.roll(odp - odm, 3, axis=0)
+    two = np.where(np.arange(N)[None, None, :] < N // 2, odp - odm, shifted)
+    s_ = odp + odm
+    m2 = StackModel(695, 735, 3.39, edges=(707.8, 720.8)).fit(
+        e, (s_ + two) / 2, (s_ - two) / 2, vp, vm).moments()
+    assert m2.rank[1] == 2
+
+
+def test_dwell_factor_keeps_od_offset_and_scores_per_second(sample):
+    rng = np.random.default_rng(7)
+    cost = StackCost(n_pixels=N * N, n_lines=N, dwell=0.002)
+    assert cost(np.array([700.0]), 700.0, 4.0)[0] == pytest.approx(
+        cost(np.array([700.0]), 700.0)[0] + 2 * 3 * N * N * 0.002)
+    ad = AdaptiveStack(695, 735, 3.39, cost, tol=0.01, max_energies=40, n_init=8,
+                       edges=(707.8, 720.8), dwell_factors=(1.0, 4.0))
+    for e in ad.initial_design():
+        ad.tell(e, *(c[0] for c in _stack(sample, [e], rng)))
+    # The same energy at 4x dwell: the OD (offset included) agrees, the variance is 4x less.
+    cp, cm = _stack(sample, [720.0], rng, dwell=0.008)
+    ad.tell(720.0, cp[0], cm[0], dwell_factor=4.0)
+    _, odp, _, vp, _ = ad.stack()
+    ref = -np.log(sample.expected_counts(720.0, 1, 0.002))
+    assert abs(np.mean(odp[-1]) - np.mean(ref)) < 0.01
+    assert np.mean(vp[-1]) == pytest.approx(
+        np.mean(1.0 / sample.expected_counts(720.0, 1, 0.008)), rel=0.05)
+    assert ad.n_energies == 9 and ad.n_distinct == 9 and ad.dwell_total == 12.0
+    dec = ad.ask(720.0)
+    assert dec.dwell_factor in (1.0, 4.0)
+    red1, red4 = ad.model.variance_reduction(1.0), ad.model.variance_reduction(4.0)
+    assert np.all(red4 >= red1 - 1e-15)
+    with pytest.raises(SmartbeamInputError, match="dwell_factor"):
+        ad.tell(720.0, cp[0], cm[0], dwell_factor=0.0)
+    with pytest.raises(SmartbeamInputError, match="dwell_factors"):
+        AdaptiveStack(695, 735, 3.39, cost, dwell_factors=(1.0, -2.0))
 
 
 def test_noisy_stack_error_matches_stated_sd(sample):

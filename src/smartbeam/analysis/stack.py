@@ -66,6 +66,10 @@ _MIN_COUNTS = 0.5
 _LENGTHS = np.geomspace(0.3, 60.0, 14)
 _AMPLITUDES = np.geomspace(0.05, 20.0, 7)
 
+# Singular values must exceed the white-noise edge by this factor to count as signal
+# (finite-size fluctuations of the largest noise singular value are a few per cent).
+_MP_MARGIN = 1.05
+
 
 def grid_refit(gp: WarpedGP, x: np.ndarray, y: np.ndarray, noise_var: np.ndarray) -> WarpedGP:
     """Fit a :class:`WarpedGP`'s warp, length and amplitude on a grid, then condition it.
@@ -301,16 +305,26 @@ class StackModel:
     edges
         Tabulated (L3, L2) white-line energies, a search hint.
     rank
-        Spectral components per channel (reduced when fewer energies are measured).
+        Largest number of spectral components per channel (reduced when fewer energies
+        are measured).
     n_grid
         Points of the grid of the sum-rule functionals and of candidate energies.
     step_width
         Step-background width of the sum rules (eV).
+    rank_from_noise
+        Keep only components whose whitened singular value exceeds the Marchenko-Pastur
+        edge of the counting noise (at most ``rank``). A component kept beyond the
+        sample's true rank is noise, and its amplitude noise enters every pixel's
+        integrals (e.g. a single ferromagnetic phase has a rank-1 dichroism).
+    warp_grid
+        Candidate input-warp strengths of the shape GPs, compared by marginal likelihood.
+        White lines ~1 eV wide beside ~10 eV of smooth pre/post-edge need strong warps.
     """
 
     def __init__(self, e_min: float, e_max: float, n_h: float, *,
                  edges: tuple[float, float] | None = None, rank: int = 2, n_grid: int = 161,
-                 step_width: float = 0.6) -> None:
+                 step_width: float = 0.6, rank_from_noise: bool = True,
+                 warp_grid: tuple[float, ...] = (0.0, 3.0, 8.0, 16.0, 32.0)) -> None:
         if not (np.isfinite(e_min) and np.isfinite(e_max) and e_min < e_max):
             raise SmartbeamInputError(f"e_min={e_min!r}, e_max={e_max!r}: expected finite "
                                       "energies with e_min < e_max")
@@ -321,6 +335,8 @@ class StackModel:
         self.e_min, self.e_max, self.n_h = float(e_min), float(e_max), float(n_h)
         self.edge_hint = tuple(float(e) for e in edges) if edges is not None else None
         self.rank = int(rank)
+        self.rank_from_noise = bool(rank_from_noise)
+        self.warp_grid = tuple(float(a) for a in warp_grid)
         self.grid = np.linspace(self.e_min, self.e_max, int(n_grid))
         self.step_width = step_width
         self.edges: tuple[float, float] | None = None
@@ -415,7 +431,14 @@ class StackModel:
         # Left singular vectors from the K x K Gram matrix: O(K^2 P) instead of a full
         # SVD of the K x P stack (10x faster for 10^4 pixels).
         evals, evecs = np.linalg.eigh(yw @ yw.T)
-        top = np.argsort(evals)[::-1][:rank]
+        order = np.argsort(evals)[::-1]
+        if self.rank_from_noise:
+            # Components below the Marchenko-Pastur edge of the whitened noise are noise:
+            # each one kept adds its amplitude noise to every pixel's integrals.
+            edge = _MP_MARGIN * np.sqrt(n_pix) * (1.0 + np.sqrt(k / n_pix))
+            above = int(np.sum(np.sqrt(np.maximum(evals, 0.0)) > edge))
+            rank = max(1, min(rank, above))
+        top = order[:rank]
         sv = np.sqrt(np.maximum(evals[top], 0.0))
         basis = sw[:, None] * evecs[:, top] * sv / np.sqrt(n_pix)  # (K, R)
         wb = basis / self.noise_bar[:, None]
@@ -430,7 +453,7 @@ class StackModel:
         mixtures = []
         for r in range(rank):
             ue, yr, nv, _ = self._pooled(self.energy, basis[:, r], self.noise_bar / n_pix)
-            gp = WarpedGP(centres=self.edges)
+            gp = WarpedGP(centres=self.edges, warp_grid=self.warp_grid)
             if refit or r >= len(hyper):
                 mix = hyper_mixture(gp, ue, yr, nv)
             else:
@@ -509,14 +532,23 @@ class StackModel:
         ue, nb, _, _ = self._pooled(self.energy, self.noise_bar, np.ones_like(self.noise_bar))
         return np.exp(np.interp(energy, ue, np.log(nb)))
 
-    def variance_reduction(self) -> np.ndarray:
+    def variance_reduction(self, dwell_factor: float = 1.0) -> np.ndarray:
         """Expected reduction of sum_p Var(m_orb_p) for one more image pair at each grid energy.
 
         Two parts, each a one-step Gaussian update: the pixel amplitudes gain Fisher
         information ``u u^T / n_p(E)`` (u: the shapes at E), and the shared shapes gain
         one pooled observation with the map-mean noise / P.
+
+        Parameters
+        ----------
+        dwell_factor
+            Dwell of the new pair relative to the stack's images (the counting variance
+            of OD scales as 1 / dwell).
         """
         self._require()
+        if not (np.isfinite(dwell_factor) and dwell_factor > 0):
+            raise SmartbeamInputError(f"dwell_factor={dwell_factor!r}: expected a positive "
+                                      "relative dwell")
         di = self._integrals(self.chan["d"], ("q",))
         si = self._integrals(self.chan["s"], ("r",))
         q, r = di["values"]["q"], si["values"]["r"]
@@ -524,7 +556,7 @@ class StackModel:
         q, r = q[ok], r[ok]
         rho = self.noise_scale[ok]
         a2 = (4.0 * self.n_h / 3.0) ** 2
-        nbar = self.noise_at(self.grid)                                     # (G,)
+        nbar = self.noise_at(self.grid) / dwell_factor                      # (G,)
         n_pix = self.noise.shape[1]
         w_orb_q = a2 / r**2                                                 # (P,)
         w_orb_r = a2 * q**2 / r**4
@@ -586,11 +618,16 @@ class StackCost:
         """Seconds per image."""
         return self.n_pixels * self.dwell + self.n_lines * self.flyback
 
-    def __call__(self, energy: np.ndarray, current: float | None) -> np.ndarray:
-        """Cost of an image pair at each of ``energy`` starting from ``current``."""
+    def __call__(self, energy: np.ndarray, current: float | None,
+                 dwell_factor: float = 1.0) -> np.ndarray:
+        """Cost of an image pair at each of ``energy`` starting from ``current``.
+
+        ``dwell_factor`` scales the dwell per pixel of the pair (not the flyback).
+        """
         e = np.asarray(energy, dtype=float)
         travel = np.zeros_like(e) if current is None else np.abs(e - current) / self.mono_speed
-        return 2 * self.image_time + self.pol_switch + self.overhead + travel
+        image = self.n_pixels * self.dwell * dwell_factor + self.n_lines * self.flyback
+        return 2 * image + self.pol_switch + self.overhead + travel
 
 
 @dataclass
@@ -608,6 +645,7 @@ class StackDecision:
     stop: bool = False
     reason: str = ""
     hyperparameters: dict = field(default_factory=dict)
+    dwell_factor: float = 1.0
 
 
 @dataclass
@@ -644,6 +682,11 @@ class AdaptiveStack:
         Largest move (eV) of the located edges between two decisions for a stop.
     min_adaptive
         Adaptive energies after the initial design before the tolerance is trusted.
+    dwell_factors
+        Relative dwells the acquisition may choose for the next image pair (1: the
+        cost's dwell). Longer dwell pays where the pixels' m_orb amplitudes gain most
+        per second (the dichroic white lines); the shared shapes, pooled over all pixels,
+        gain nothing from it, so exploring energies stays at the short dwell.
     """
 
     e_min: float
@@ -660,8 +703,14 @@ class AdaptiveStack:
     edge_bracket: float = 1.0
     edge_tolerance: float = 0.3
     min_adaptive: int = 4
+    dwell_factors: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
+        factors = tuple(float(f) for f in self.dwell_factors)
+        if not factors or not all(np.isfinite(f) and f > 0 for f in factors):
+            raise SmartbeamInputError(f"dwell_factors={self.dwell_factors!r}: expected "
+                                      "positive relative dwells")
+        self.dwell_factors = factors
         if not (np.isfinite(self.tol) and self.tol > 0):
             raise SmartbeamInputError(f"tol={self.tol!r}: expected a positive relative tolerance")
         if self.n_init < 4:
@@ -672,14 +721,25 @@ class AdaptiveStack:
         self.model = StackModel(self.e_min, self.e_max, self.n_h, edges=self.edges,
                                 rank=self.rank, n_grid=self.n_grid)
         self._e: list[float] = []
+        self._dwell: list[float] = []
         self._od: list[tuple[np.ndarray, ...]] = []
         self._last_refit = 0
         self.history: list[StackDecision] = []
 
     @property
     def n_energies(self) -> int:
-        """Energies imaged so far."""
+        """Image pairs taken so far (a repeated energy counts again)."""
         return len(self._e)
+
+    @property
+    def n_distinct(self) -> int:
+        """Distinct energies imaged so far."""
+        return int(np.unique(np.array(self._e)).size)
+
+    @property
+    def dwell_total(self) -> float:
+        """Sum of the relative dwells of the pairs taken (pairs at dwell 1 count 1)."""
+        return float(sum(self._dwell))
 
     def initial_design(self) -> np.ndarray:
         """Uniform initial design over the window; with an edge hint the uniform points
@@ -693,8 +753,17 @@ class AdaptiveStack:
         return np.unique(design)
 
     def tell(self, energy: float, counts_plus: np.ndarray, counts_minus: np.ndarray,
-             i0: float | None = None) -> None:
-        """Add the two helicity images (transmitted counts) measured at ``energy``."""
+             i0: float | None = None, dwell_factor: float = 1.0) -> None:
+        """Add the two helicity images (transmitted counts) measured at ``energy``.
+
+        ``i0`` is the incident count per pixel at the cost's dwell (None: 1, OD known up
+        to a constant); the images were taken at ``dwell_factor`` times that dwell, so
+        their incident count is ``i0 * dwell_factor`` (keeps the OD offset the same for
+        every image).
+        """
+        if not (np.isfinite(dwell_factor) and dwell_factor > 0):
+            raise SmartbeamInputError(f"dwell_factor={dwell_factor!r}: expected a positive "
+                                      "relative dwell")
         cp, cm = np.asarray(counts_plus), np.asarray(counts_minus)
         if cp.shape != cm.shape or cp.ndim != 2:
             raise SmartbeamInputError(f"images of shapes {cp.shape}, {cm.shape}: expected two "
@@ -702,9 +771,11 @@ class AdaptiveStack:
         if self._od and cp.shape != self._od[0][0].shape:
             raise SmartbeamInputError(f"image of shape {cp.shape}: expected "
                                       f"{self._od[0][0].shape} like the first image")
-        odp, vp = optical_density(cp, i0)
-        odm, vm = optical_density(cm, i0)
+        i0_eff = (1.0 if i0 is None else float(i0)) * float(dwell_factor)
+        odp, vp = optical_density(cp, i0_eff)
+        odm, vm = optical_density(cm, i0_eff)
         self._e.append(float(energy))
+        self._dwell.append(float(dwell_factor))
         self._od.append((odp, odm, vp, vm))
 
     def stack(self) -> tuple[np.ndarray, ...]:
@@ -776,18 +847,25 @@ class AdaptiveStack:
             stop, reason = True, f"map rms sd {rms_sd:.3g} <= tol {self.tol:g} x rms {rms:.3g}"
         elif self.n_energies >= self.max_energies:
             stop, reason = True, f"budget of {self.max_energies} energies spent"
-        score = self.model.variance_reduction() / self.cost(self.model.grid, current_energy)
-        i = int(np.argmax(score))
-        energy, acq = float(self.model.grid[i]), float(score[i])
+        # Score every (energy, dwell) pair per second of beam time.
+        best = (-np.inf, 0.0, 1.0)
+        for f in self.dwell_factors:
+            score = (self.model.variance_reduction(f)
+                     / self.cost(self.model.grid, current_energy, f))
+            i = int(np.argmax(score))
+            if score[i] > best[0]:
+                best = (float(score[i]), float(self.model.grid[i]), f)
+        acq, energy, factor = best
         if gaps:
             here = self.e_min if current_energy is None else current_energy
             energy = min(gaps, key=lambda v: abs(v - here))
-            acq = float("nan")  # not a variance-reduction choice
+            acq, factor = float("nan"), 1.0  # not a variance-reduction choice
         dec = StackDecision(energy=energy, acquisition=acq,
                             n_energies=self.n_energies, rms_sd=rms_sd, rms_m_orb=rms,
                             e_l3=m.e_l3, e_l2=m.e_l2,
                             latency_ms=1e3 * (time.perf_counter() - t0), stop=stop,
-                            reason=reason, hyperparameters=self.model.hyperparameters())
+                            reason=reason, hyperparameters=self.model.hyperparameters(),
+                            dwell_factor=factor)
         self.history.append(dec)
         return dec
 
