@@ -5,6 +5,7 @@ import pytest
 
 from smartbeam.analysis.kde import Geometry, Kernel, select_bandwidths, smooth
 from smartbeam.analysis.kde_score import RowScorer
+from smartbeam.errors import SmartbeamInputError
 
 
 def _geometry(n=160, centre=(70.4, 90.7)):
@@ -48,9 +49,12 @@ def test_row_values_equal_full_frame_smoothing(first_row, last_row):
     for sr in (0.0, 8.0, 60.0):
         grid = cells if sr == 0 else g.polar.filter_ring(np.fft.rfft(cells, axis=1), sr)
         qs = [0.0, 1.0, 4.0]
-        for q, v in zip(qs, sc.ring(grid.astype(np.float32), sr, qs), strict=True):
+        prepared = sc.prepare_ring(grid.astype(np.float32), 20)
+        for q, v in zip(qs, sc.ring(prepared, sr, qs), strict=True):
             ref, _ = smooth(x, g, Kernel.ring(q, sr))
             np.testing.assert_allclose(v, ref.ravel()[idx], rtol=2e-4, atol=2e-4)
+    with pytest.raises(SmartbeamInputError, match="radius"):
+        sc.ring(sc.prepare_ring(cells, 2), 0.0, [4.0])
 
 
 def test_row_scored_selection_never_worse_than_raw_and_finds_rings():

@@ -812,10 +812,17 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
             if sigma_ring > 0:
                 if spectra[j] is None:
                     spectra[j] = sfft.rfft(cells[j], axis=1)
-                sp["ring_done"][key] = polar.filter_ring(spectra[j], sigma_ring)
+                grid = polar.filter_ring(spectra[j], sigma_ring)
             else:
-                sp["ring_done"][key] = cells[j]
+                grid = cells[j]
+            # the row scorer reads it transposed and padded: prepared once, kept for the
+            # later search stages
+            sp["ring_done"][key] = (grid if scorer is None
+                                    else scorer.prepare_ring(grid, ring_pad))
         return sp["ring_done"][key]
+
+    ring_pad = max((gaussian_kernel_1d(k.sigma_q).size // 2 for k in candidates
+                    if k.kind == "ring" and k.sigma_q > 0), default=0)
 
     def ring_values(sp: dict, j: int, kern: Kernel) -> np.ndarray:
         cell_val = polar.filter_q(ring_grid(sp, j, kern.sigma_ring), kern.sigma_q)

@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from smartbeam.errors import SmartbeamInputError
 
 from .kde_filters import gaussian_kernel_1d
 
@@ -53,16 +56,16 @@ class RowScorer:
         self.loc = np.searchsorted(self.rows, y) * nx + x
         polar = geometry.polar
         cells = polar.cell.ravel()[self.idx]
-        # ring gathers walk the polar grid in cell order (cache-friendly), then the values
-        # are put back in the order of ``idx``
-        self._order = np.argsort(cells, kind="stable")
+        rho, phi = np.divmod(cells, polar.n_phi)
+        # ring gathers walk the transposed polar grid in (phi, rho) order (cache-friendly),
+        # then the values are put back in the order of ``idx``
+        self._order = np.lexsort((rho, phi))
         self._back = np.empty_like(self._order)
         self._back[self._order] = np.arange(self._order.size)
         self.cells = cells[self._order]
-        self.rho, self.phi = np.divmod(self.cells, polar.n_phi)
+        self.rho, self.phi = rho[self._order], phi[self._order]
         self._inv_iso: dict[float, np.ndarray] = {}
         self._inv_ring: dict[tuple[float, float], np.ndarray] = {}
-        self._ring_src: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def iso(self, frame: np.ndarray, sigmas: Sequence[float]) -> list[np.ndarray]:
         """Masked, normalised isotropic smoothing of ``frame`` at the scored pixels.
@@ -105,15 +108,36 @@ class RowScorer:
             self._inv_iso[sigma] = self.geometry.iso_filter(sigma).inv_den.ravel()[self.idx]
         return self._inv_iso[sigma]
 
-    def ring(self, ring_filtered: np.ndarray, sigma_ring: float, sigma_qs: Sequence[float]
-             ) -> list[np.ndarray]:
-        """Ring kernels at the scored pixels from the grid already filtered along the ring.
+    def prepare_ring(self, ring_filtered: np.ndarray, rad: int) -> np.ndarray:
+        """Transpose (rho contiguous) and zero-pad along rho a ring-filtered polar grid.
 
         Parameters
         ----------
         ring_filtered
-            ``(n_r, n_phi)`` polar cell sums filtered along the ring with ``sigma_ring``
-            (the raw cell sums for ``sigma_ring == 0``).
+            ``(n_r, n_phi)`` polar cell sums filtered along the ring (or the raw sums).
+        rad
+            Largest q-kernel radius (cells) that :meth:`ring` will apply to it.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(n_phi, n_r + 2 rad)``: the 2 rad + 1 cells along q around a scored
+            cell are one contiguous window, and the zero border is that of the full-grid
+            q filter.
+        """
+        grid_t = cv2.transpose(np.ascontiguousarray(ring_filtered, np.float32))
+        return cv2.copyMakeBorder(grid_t, 0, 0, rad, rad, cv2.BORDER_CONSTANT, value=0)
+
+    def ring(self, prepared: np.ndarray, sigma_ring: float, sigma_qs: Sequence[float]
+             ) -> list[np.ndarray]:
+        """Ring kernels at the scored pixels from a grid already filtered along the ring.
+
+        Parameters
+        ----------
+        prepared
+            :meth:`prepare_ring` of the polar cell sums filtered along the ring with
+            ``sigma_ring`` (the raw cell sums for ``sigma_ring == 0``), padded by at least
+            the radius of every q kernel asked for.
         sigma_ring
             The along-ring standard deviation used (selects the mask normaliser).
         sigma_qs
@@ -126,27 +150,22 @@ class RowScorer:
         """
         if not len(sigma_qs):
             return []
+        pad = (prepared.shape[1] - self.geometry.polar.n_r) // 2
         ks = [gaussian_kernel_1d(s).astype(np.float32) if s > 0 else _ONE for s in sigma_qs]
         rad = max(k.size // 2 for k in ks)
-        src, outside = self._ring_index(rad)
-        gathered = ring_filtered.ravel()[src]
-        gathered[outside] = 0.0
-        w = np.zeros((len(ks), 2 * rad + 1), np.float32)
+        if rad > pad:
+            raise SmartbeamInputError(f"q-kernel radius {rad} cells: expected at most the "
+                                      f"padding of the prepared grid ({pad})")
+        # windows of 2 pad + 1 cells centred on each scored cell; only the middle
+        # 2 rad + 1 carry weight
+        windows = sliding_window_view(prepared, 2 * pad + 1, axis=1)[self.phi, self.rho]
+        windows = windows[:, pad - rad:pad + rad + 1]
+        w = np.zeros((2 * rad + 1, len(ks)), np.float32)
         for i, k in enumerate(ks):
-            w[i, rad - k.size // 2:rad + k.size // 2 + 1] = k
-        vals = w @ gathered.astype(np.float32, copy=False)
+            w[rad - k.size // 2:rad + k.size // 2 + 1, i] = k
+        vals = (windows @ w).T
         return [(vals[i] * self._ring_inv(float(s), float(sigma_ring)))[self._back]
                 for i, s in enumerate(sigma_qs)]
-
-    def _ring_index(self, rad: int) -> tuple[np.ndarray, np.ndarray]:
-        """Flat polar indices of the cells ``rad`` rows around each scored cell (cached)."""
-        if rad not in self._ring_src:
-            polar = self.geometry.polar
-            src = self.rho[None, :] + np.arange(-rad, rad + 1)[:, None]
-            outside = (src < 0) | (src >= polar.n_r)
-            flat = np.clip(src, 0, polar.n_r - 1) * polar.n_phi + self.phi[None, :]
-            self._ring_src[rad] = (flat, outside)
-        return self._ring_src[rad]
 
     def _ring_inv(self, sigma_q: float, sigma_ring: float) -> np.ndarray:
         key = (sigma_q, sigma_ring)
