@@ -196,3 +196,27 @@ def test_blocked_dissimilarity_equals_one_block(monkeypatch, measure):
     pa, pb = prepare(a, measure), prepare(b, measure)
     np.testing.assert_allclose(dissimilarity(pa, pb, measure, step=0.1, prepared=True), whole,
                                rtol=1e-12, atol=0)
+
+
+def test_cityblock_matrix_equals_scipy(monkeypatch):
+    from scipy.spatial.distance import cdist
+
+    from smartbeam.analysis import similarity
+    from smartbeam.analysis.similarity import cityblock_matrix
+
+    rng = np.random.default_rng(5)
+    a, b = rng.random((23, 642)), rng.random((7, 642))
+    ref = cdist(a, b, "cityblock")
+    np.testing.assert_allclose(cityblock_matrix(a, b), ref, rtol=1e-5)
+    monkeypatch.setattr(similarity, "_numba_l1_kernel", lambda: None)  # numba missing: scipy
+    np.testing.assert_array_equal(cityblock_matrix(a, b), ref)
+
+
+def test_prepared_argument():
+    rng = np.random.default_rng(2)
+    a, b = rng.random((6, 40)), rng.random((3, 40))
+    whole = dissimilarity(a, b, "jsd")
+    np.testing.assert_allclose(dissimilarity(a, prepare(b, "jsd"), "jsd", prepared="library"),
+                               whole, rtol=1e-12)
+    with pytest.raises(SmartbeamInputError, match="prepared='yes'"):
+        dissimilarity(a, b, "jsd", prepared="yes")

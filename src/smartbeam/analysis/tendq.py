@@ -399,8 +399,16 @@ class TenDqFitter:
         return float(e[m][np.argmax(y[m])]) if m.any() else e0
 
     # -- prediction -----------------------------------------------------------------------
-    def dissimilarity_maps(self, ext: np.ndarray) -> dict[str, np.ndarray]:
+    def dissimilarity_maps(self, ext: np.ndarray, pearson: np.ndarray | None = None
+                           ) -> dict[str, np.ndarray]:
         """Dissimilarity per measure for resampled spectra.
+
+        Parameters
+        ----------
+        ext
+            (n_spectra, n_ext) spectra on the offset-extended grid (:meth:`preprocess`).
+        pearson
+            Their Pearson maps, when already computed.
 
         Returns
         -------
@@ -409,13 +417,17 @@ class TenDqFitter:
         """
         lib = self._check_fitted()
         ext = np.atleast_2d(ext)
+        out = {"pearson": self._pearson_maps(ext) if pearson is None else pearson}
+        others = (set(self.measures) | {"pearson"}) - set(_AT_BEST_WINDOW) - {"pearson"}
+        if not others:
+            return out
         win = sliding_window_view(ext, self.n, axis=1)  # (M, J, n), a view: no copy
         m_, j_, n_ = win.shape
         flat = win.reshape(m_ * j_, n_)
-        out = {"pearson": self._pearson_maps(ext)}
-        for meas in (set(self.measures) | {"pearson"}) - set(_AT_BEST_WINDOW) - {"pearson"}:
-            d = dissimilarity(prepare(flat, meas), self._prepared[meas], meas, step=self.step,
-                              dtw_window=self.dtw_window, prepared=True)
+        for meas in others:
+            # Not prepared here: dissimilarity prepares the windows block by block (in cache).
+            d = dissimilarity(flat, self._prepared[meas], meas, step=self.step,
+                              dtw_window=self.dtw_window, prepared="library")
             out[meas] = d.reshape(m_, j_, len(self.extra_fwhm), len(lib.ten_dq))
         return out
 
@@ -490,12 +502,15 @@ class TenDqFitter:
         """Maps of the best edge-step variant of each spectrum (chosen by Pearson)."""
         n_s = len(self.step_shifts)
         ext = np.concatenate([self.preprocess_variants(e, y) for y in ys])  # (M*S, n_ext)
-        maps = self.dissimilarity_maps(ext)
-        best = maps["pearson"].reshape(len(ys), n_s, -1).min(axis=2).argmin(axis=1)
+        pearson = self._pearson_maps(ext)
+        best = pearson.reshape(len(ys), n_s, -1).min(axis=2).argmin(axis=1)
+        rows = np.arange(len(ys)) * n_s + best
+        # The other measures only for the variant Pearson chose: the rest would be discarded.
+        maps = self.dissimilarity_maps(ext[rows], pearson[rows])
         out_maps, out_ext, out_shift = [], [], []
         for i, s in enumerate(best):
-            row = i * n_s + int(s)
-            out_maps.append({m: v[row] for m, v in maps.items()})
+            row = int(rows[i])
+            out_maps.append({m: v[i] for m, v in maps.items()})
             out_ext.append(ext[row])
             out_shift.append(self.step_shifts[int(s)])
             for meas in set(self.measures) & set(_AT_BEST_WINDOW):
