@@ -18,9 +18,10 @@ def test_adaptive_stack_writes_decisions_and_maps(beamline_devices, storage, RE,
     RE.subscribe(storage.writer())
     # Regression of the "confidently wrong map" bug (m_orb +0.15 +- 0.045 against a truth
     # of -0.09 with 16 energies): the stop is trusted only once both white lines are
-    # sampled. 24 energies at 5 ms dwell stopped on tol in 20 of 20 noise draws offline.
+    # sampled. A budget of 20 energies at 5 ms dwell stopped on tol (after 15-18) in 20 of
+    # 20 noise draws offline, with the same assertions as below.
     (uid,) = RE(stxm_xmcd_stack(stxm, **FIELD, e_min=695.0, e_max=735.0, tol=0.5,
-                                max_energies=24, n_init=8, dwell=0.005,
+                                max_energies=20, n_init=8, dwell=0.005, dwell_factors=[1, 2],
                                 edges=[707.8, 720.8], png_dir=str(tmp_path)),
                 sample="Fe domains")
     # Pictures of the maps, named after the run, written after it closed.
@@ -48,7 +49,10 @@ def test_adaptive_stack_writes_decisions_and_maps(beamline_devices, storage, RE,
     assert np.all(dec["stack_decision_stop_reason"][:-1] == "")
     # Stopped on the uncertainty target before the budget: that is what tol is for.
     assert "tol" in str(dec["stack_decision_stop_reason"][-1])
-    assert n_img // 2 < 24
+    assert n_img // 2 < 20
+    # Every pair's dwell is one of the allowed ones (the stop row has none).
+    dwells = dec["stack_decision_dwell_s"]
+    assert np.isnan(dwells[-1]) and set(np.round(dwells[:-1], 6)) <= {0.005, 0.01}
     assert maps["stack_rms_sd"][0] <= 0.5 * maps["stack_rms_m_orb"][0]
     # Against the twin's ground truth (same default sample): the map agrees within its
     # stated uncertainty.
@@ -94,6 +98,7 @@ def test_conventional_stack_uses_the_fixed_energies(beamline_devices, storage, R
     ({"dwell": 0.0}, "dwell"),
     ({"e_min": 740.0}, "e_min"),
     ({"tol": -1.0}, "tol"),
+    ({"dwell_factors": [1.0, 0.0]}, "dwell_factors"),
 ])
 def test_bad_input_refused_before_motion(beamline_devices, RE, kwargs, match):
     stxm = beamline_devices["stxm"]

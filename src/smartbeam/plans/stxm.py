@@ -207,7 +207,7 @@ def stxm_xmcd_stack(stxm: Readable, *, x_range: list[float], y_range: list[float
                     max_energies: int = 40, dwell: float = 0.001, adaptive: bool = True,
                     n_h: float = 3.39, edges: list[float] | None = None, n_init: int = 10,
                     energies: list[float] | None = None, png_dir: str | None = None,
-                    md: dict | None = None):
+                    dwell_factors: list[float] | None = None, md: dict | None = None):
     """XMCD energy stack of a field of view with per-pixel m_orb / m_spin maps.
 
     Both helicities are imaged at each energy. With ``adaptive=True`` the next energy is
@@ -245,6 +245,10 @@ def stxm_xmcd_stack(stxm: Readable, *, x_range: list[float], y_range: list[float
         Energies of the initial uniform design (adaptive).
     energies : list of float, optional
         Energy list of the conventional stack.
+    dwell_factors : list of float, optional
+        Relative dwells the adaptive stack may choose per energy (e.g. [1, 2, 4]: longer
+        dwell where the pixels' m_orb gains most per second); default [1] (fixed dwell).
+        The dwell of every image pair is in the ``decisions`` stream.
     png_dir : str, optional
         Directory for PNG pictures written after the run closes:
         ``<uid8>_moments.png`` (m_orb, m_spin and sds) and ``<uid8>_clusters.png``
@@ -260,6 +264,11 @@ def stxm_xmcd_stack(stxm: Readable, *, x_range: list[float], y_range: list[float
                                   "expected integers")
     if edges is not None and len(edges) != 2:
         raise SmartbeamInputError(f"edges={edges!r}: expected [L3, L2] in eV")
+    factors = [1.0] if dwell_factors is None else list(dwell_factors)
+    if not factors or not all(isinstance(f, int | float) and np.isfinite(f) and f > 0
+                              for f in factors):
+        raise SmartbeamInputError(f"dwell_factors={dwell_factors!r}: expected positive "
+                                  "relative dwells")
     if adaptive:
         fixed = None
     else:
@@ -273,10 +282,11 @@ def stxm_xmcd_stack(stxm: Readable, *, x_range: list[float], y_range: list[float
     driver = AdaptiveStack(float(e_min), float(e_max), float(n_h), cost, tol=float(tol),
                            max_energies=max_energies if adaptive else max(len(fixed), 4),
                            n_init=n_init if adaptive else 4,
-                           edges=tuple(edges) if edges is not None else None)
+                           edges=tuple(edges) if edges is not None else None,
+                           dwell_factors=tuple(float(f) for f in factors))
     dec_example = {"energy": 0.0, "acquisition": 0.0, "n_energies": 0, "rms_sd": 0.0,
                    "rms_m_orb": 0.0, "e_l3": 0.0, "e_l2": 0.0, "latency_ms": 0.0,
-                   "beamtime_s": 0.0, "stop_reason": ""}
+                   "beamtime_s": 0.0, "dwell_s": 0.0, "stop_reason": ""}
     decisions = _StreamWriter("stack_decision_", dec_example)
     zeros = np.zeros((ny, nx))
     map_dims = ("map_y", "map_x")
@@ -290,28 +300,33 @@ def stxm_xmcd_stack(stxm: Readable, *, x_range: list[float], y_range: list[float
            "plan_args": {"x_range": list(x_range), "y_range": list(y_range), "pixel": pixel,
                          "e_min": e_min, "e_max": e_max, "tol": tol,
                          "max_energies": max_energies, "dwell": dwell, "adaptive": adaptive,
-                         "n_h": n_h, "edges": edges, "n_init": n_init},
+                         "n_h": n_h, "edges": edges, "n_init": n_init,
+                         "dwell_factors": factors},
            "shape": [ny, nx], "pixel_um": pixel, "n_h": n_h, "analysis": "moments",
            "kde": False}
     _md.update(md or {})
-    state = {"beamtime": 0.0, "energy": None, "order": ["circ+", "circ-"]}
+    state = {"beamtime": 0.0, "energy": None, "order": ["circ+", "circ-"], "factor": 1.0}
 
-    def measure(e):
+    def measure(e, factor=1.0):
+        if factor != state["factor"]:
+            yield from bps.mv(stxm.det.dwell, float(dwell) * factor)
+            state["factor"] = factor
         images = {}
         for pol in state["order"]:
             images[pol] = yield from _image_at(stxm, float(e), pol)
         # Alternate the helicity order: one EPU switch per energy instead of two.
         state["order"].reverse()
-        state["beamtime"] += float(cost(np.array([e]), state["energy"])[0])
+        state["beamtime"] += float(cost(np.array([e]), state["energy"], factor)[0])
         state["energy"] = float(e)
         if images["circ+"] is not None:
-            driver.tell(float(e), images["circ+"], images["circ-"])
+            driver.tell(float(e), images["circ+"], images["circ-"], dwell_factor=factor)
 
     def write_decision(dec, energy):
         yield from decisions.write({
             "energy": energy, "acquisition": dec.acquisition, "n_energies": dec.n_energies,
             "rms_sd": dec.rms_sd, "rms_m_orb": dec.rms_m_orb, "e_l3": dec.e_l3,
             "e_l2": dec.e_l2, "latency_ms": dec.latency_ms, "beamtime_s": state["beamtime"],
+            "dwell_s": float("nan") if dec.stop else float(dwell) * dec.dwell_factor,
             "stop_reason": dec.reason}, "decisions")
 
     def inner():
@@ -328,7 +343,7 @@ def stxm_xmcd_stack(stxm: Readable, *, x_range: list[float], y_range: list[float
                 if dec.stop:
                     reason = dec.reason
                     break
-                yield from measure(dec.energy)
+                yield from measure(dec.energy, dec.dwell_factor)
         else:
             driver.update(force_refit=True)
         m = driver.model.moments()
