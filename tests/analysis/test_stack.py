@@ -244,3 +244,24 @@ def test_lowrank_denoise_finds_rank_from_noise_and_keeps_pixels_sharp():
         lowrank_denoise(noisy, np.zeros_like(noisy))
     with pytest.raises(SmartbeamInputError, match="rank"):
         lowrank_denoise(noisy, var, rank=100)
+
+
+def test_grid_likelihood_equals_direct_gaussian_logpdf():
+    from scipy.stats import multivariate_normal
+
+    from smartbeam.analysis.stack import _grid_lml
+
+    rng = np.random.default_rng(8)
+    x = np.sort(rng.uniform(695, 735, 25))
+    gp = WarpedGP(centres=(708.0, 721.0))
+    yn = rng.normal(size=x.size)
+    alpha = rng.uniform(1e-6, 1e-2, x.size)  # heteroscedastic, some very small
+    cands = [(a, ln, amp) for a in (0.0, 8.0, 32.0) for ln in (0.5, 5.0, 40.0)
+             for amp in (0.1, 3.0)]
+    got = _grid_lml(gp, x, yn, alpha, cands)
+    for (a, ln, amp), g in zip(cands, got, strict=True):
+        u = gp.warp_inputs(x, a)
+        t = np.abs(u[:, None] - u[None, :]) * np.sqrt(5.0) / ln
+        k = amp * (1 + t + t * t / 3) * np.exp(-t) + np.diag(alpha)
+        assert g == pytest.approx(multivariate_normal(np.zeros(x.size), k).logpdf(yn),
+                                  rel=1e-6, abs=1e-6)
