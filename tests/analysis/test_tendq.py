@@ -225,3 +225,22 @@ def test_fft_pearson_maps_equal_matrix_product(lib):
     plain = dissimilarity(prepare(win.reshape(m * j, n), "pearson"), f._prepared["pearson"],
                           "pearson", prepared=True).reshape(m, j, len(f.extra_fwhm), -1)
     assert np.abs(f.dissimilarity_maps(ext)["pearson"] - plain).max() < 1e-5
+
+
+def test_shared_offset_search_matches_free_search_on_one_calibration(lib, sim, threshold):
+    """Spectra measured through one monochromator: the shared-offset search (a window around
+    the median Pearson offset) gives the free search's answers, and refuses a bad width."""
+    f = TenDqFitter(threshold=threshold).fit(lib)
+    rng = np.random.default_rng(4)
+    truths = (0.6, 0.9, 1.2)
+    ys = np.stack([degrade(shifted(sim, sim.clean(t), 0.35), sim.step, rng, noise=0.01)
+                   for t in truths])
+    free = f.predict_many(sim.energy, ys)
+    shared = f.predict_many(sim.energy, ys, shared_offset=0.5)
+    for a, b, t in zip(free, shared, truths):
+        assert a.described and b.described
+        assert b.ten_dq == pytest.approx(a.ten_dq, abs=0.01)
+        assert b.ten_dq == pytest.approx(t, abs=0.05)
+        assert b.offset == pytest.approx(0.35, abs=0.06)
+    with pytest.raises(SmartbeamInputError, match="shared_offset=5.0"):
+        f.predict_many(sim.energy, ys, shared_offset=5.0)

@@ -13,6 +13,7 @@ Computing is pure (no file I/O); the on-disk cache lives in :mod:`smartbeam.libr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -177,6 +178,7 @@ class LibraryParams:
         return f"{self.ion.strip().replace('+', 'p')}-{digest}"
 
 
+@functools.cache  # package metadata is read from disk: once per process
 def _edrixs_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -314,6 +314,7 @@ class TenDqFitter:
         """Precompute the broadened, prepared library for every measure; returns ``self``."""
         lib = library
         self.library = lib
+        self._library_id = lib.library_id  # a hash of every parameter: once, not per result
         self.step = float(lib.energy[1] - lib.energy[0])
         self.n_shift = int(round(self.offset_range / self.step))
         self.n = len(lib.energy)
@@ -399,8 +400,8 @@ class TenDqFitter:
         return float(e[m][np.argmax(y[m])]) if m.any() else e0
 
     # -- prediction -----------------------------------------------------------------------
-    def dissimilarity_maps(self, ext: np.ndarray, pearson: np.ndarray | None = None
-                           ) -> dict[str, np.ndarray]:
+    def dissimilarity_maps(self, ext: np.ndarray, pearson: np.ndarray | None = None,
+                           offsets: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Dissimilarity per measure for resampled spectra.
 
         Parameters
@@ -409,6 +410,9 @@ class TenDqFitter:
             (n_spectra, n_ext) spectra on the offset-extended grid (:meth:`preprocess`).
         pearson
             Their Pearson maps, when already computed.
+        offsets
+            Indices into :attr:`offsets` to evaluate, increasing (default: all); the maps
+            then cover only those offsets.
 
         Returns
         -------
@@ -417,11 +421,13 @@ class TenDqFitter:
         """
         lib = self._check_fitted()
         ext = np.atleast_2d(ext)
-        out = {"pearson": self._pearson_maps(ext) if pearson is None else pearson}
+        pearson = self._pearson_maps(ext) if pearson is None else pearson
+        js = np.arange(pearson.shape[1]) if offsets is None else np.asarray(offsets, dtype=int)
+        out = {"pearson": pearson[:, js]}
         others = (set(self.measures) | {"pearson"}) - set(_AT_BEST_WINDOW) - {"pearson"}
         if not others:
             return out
-        win = sliding_window_view(ext, self.n, axis=1)  # (M, J, n), a view: no copy
+        win = sliding_window_view(ext, self.n, axis=1)[:, js]  # (M, J', n)
         m_, j_, n_ = win.shape
         flat = win.reshape(m_ * j_, n_)
         for meas in others:
@@ -464,9 +470,10 @@ class TenDqFitter:
             out[i:i + chunk] = 1.0 - corr * inv[i:i + chunk, :, None]
         return out.reshape(m_, j_, len(self.extra_fwhm), len(lib.ten_dq))
 
-    def _refine(self, dmap: np.ndarray, measure: str
+    def _refine(self, dmap: np.ndarray, measure: str, js: np.ndarray
                 ) -> tuple[float, float, int, int, int, float]:
-        """Best (10Dq, offset) of one (J, B, K) map, refined between grid points."""
+        """Best (10Dq, offset) of one (J, B, K) map over offsets ``self.offsets[js]``,
+        refined between grid points."""
         lib = self.library
         assert lib is not None
         f = dmap ** 2 if measure in _SQUARE_FOR_FIT else dmap
@@ -479,7 +486,7 @@ class TenDqFitter:
             dj = _quad_refine(f[j - 1:j + 2, b, k])
         step_dq = lib.ten_dq[1] - lib.ten_dq[0] if len(lib.ten_dq) > 1 else 0.0
         ten_dq = float(lib.ten_dq[k] + dk * step_dq)
-        offset = float(self.offsets[j] + dj * self.step)
+        offset = float(self.offsets[js[j]] + dj * self.step)
         return ten_dq, offset, int(j), int(b), int(k), float(dmap[j, b, k])
 
     def _model(self, ten_dq: float, k: int, b: int = 0) -> np.ndarray:
@@ -497,16 +504,25 @@ class TenDqFitter:
         w = (t - xs[i]) / (xs[i + 1] - xs[i])
         return (1 - w) * spectra[same[i]] + w * spectra[same[i + 1]]
 
-    def _search(self, e: np.ndarray, ys: np.ndarray
-                ) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray], list[float]]:
-        """Maps of the best edge-step variant of each spectrum (chosen by Pearson)."""
+    def _search(self, e: np.ndarray, ys: np.ndarray, shared_offset: float | None = None
+                ) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray], list[float],
+                           np.ndarray]:
+        """Maps of the best edge-step variant of each spectrum (chosen by Pearson), and the
+        indices of the offsets they cover."""
         n_s = len(self.step_shifts)
         ext = np.concatenate([self.preprocess_variants(e, y) for y in ys])  # (M*S, n_ext)
         pearson = self._pearson_maps(ext)
         best = pearson.reshape(len(ys), n_s, -1).min(axis=2).argmin(axis=1)
         rows = np.arange(len(ys)) * n_s + best
+        offsets = np.arange(pearson.shape[1])
+        if shared_offset is not None:
+            # Median of the spectra's Pearson offsets: robust to empty or foreign pixels.
+            per = pearson[rows].reshape(len(ys), pearson.shape[1], -1).min(axis=2).argmin(axis=1)
+            j0 = int(round(float(np.median(per))))
+            half = int(round(shared_offset / self.step))
+            offsets = np.arange(max(j0 - half, 0), min(j0 + half, len(self.offsets) - 1) + 1)
         # The other measures only for the variant Pearson chose: the rest would be discarded.
-        maps = self.dissimilarity_maps(ext[rows], pearson[rows])
+        maps = self.dissimilarity_maps(ext[rows], pearson[rows], offsets)
         out_maps, out_ext, out_shift = [], [], []
         for i, s in enumerate(best):
             row = int(rows[i])
@@ -515,18 +531,18 @@ class TenDqFitter:
             out_shift.append(self.step_shifts[int(s)])
             for meas in set(self.measures) & set(_AT_BEST_WINDOW):
                 out_maps[-1][meas] = self._at_best_window(ext[row], out_maps[-1]["pearson"],
-                                                          meas)
-        return out_maps, out_ext, out_shift
+                                                          meas, offsets)
+        return out_maps, out_ext, out_shift, offsets
 
-    def _at_best_window(self, ext: np.ndarray, pearson: np.ndarray, measure: str
-                        ) -> np.ndarray:
+    def _at_best_window(self, ext: np.ndarray, pearson: np.ndarray, measure: str,
+                        js: np.ndarray) -> np.ndarray:
         """A slow measure (DTW) over every entry at Pearson's best offset only.
 
         DTW tolerates small misalignments by itself; evaluating it at every offset would
         cost ~100x more. Other offsets are ``inf`` in the returned (J, B, K) map.
         """
         j = int(np.unravel_index(int(np.argmin(pearson)), pearson.shape)[0])
-        window = ext[j:j + self.n][None, :]
+        window = ext[js[j]:js[j] + self.n][None, :]
         d = dissimilarity(prepare(window, measure), self._prepared[measure], measure,
                           step=self.step, dtw_window=self.dtw_window, prepared=True)
         out = np.full(pearson.shape, np.inf)
@@ -538,25 +554,44 @@ class TenDqFitter:
         """Estimate 10Dq of one measured spectrum (see :class:`TenDqResult`)."""
         lib = self._check_fitted()
         e, y = validate_spectrum(energy, intensity, self.need, name)
-        maps, ext, shifts = self._search(e, y[None, :])
-        return self._result(e, y, maps[0], ext[0], shifts[0], lib)
+        maps, ext, shifts, js = self._search(e, y[None, :])
+        return self._result(e, y, maps[0], ext[0], shifts[0], lib, js)
 
-    def predict_many(self, energy: np.ndarray, intensities: np.ndarray) -> list[TenDqResult]:
-        """Estimate 10Dq of many spectra sharing one energy axis (vectorised search)."""
+    def predict_many(self, energy: np.ndarray, intensities: np.ndarray, *,
+                     shared_offset: float | None = None) -> list[TenDqResult]:
+        """Estimate 10Dq of many spectra sharing one energy axis (vectorised search).
+
+        Parameters
+        ----------
+        energy
+            (n_energy,) common energy axis (eV).
+        intensities
+            (n_spectra, n_energy) spectra.
+        shared_offset
+            For spectra that share one energy calibration (the pixels of an image stack,
+            measured through one monochromator): search every spectrum only within this
+            half width (eV) of the median of their Pearson offsets, instead of over
+            +-``offset_range`` each -- several times faster, and one foreign pixel cannot
+            pull its own offset far off. ``None`` (default): each spectrum on its own.
+        """
         lib = self._check_fitted()
+        if shared_offset is not None and not 0 <= shared_offset <= self.offset_range:
+            raise SmartbeamInputError(f"shared_offset={shared_offset!r}: expected a half width "
+                                      f"in 0-{self.offset_range} eV (the offset range)")
         ys = np.atleast_2d(np.asarray(intensities, dtype=float))
         e, _ = validate_spectrum(energy, ys[0], self.need)
         for i, y in enumerate(ys):
             validate_spectrum(e, y, None, f"spectrum {i}")
-        maps, ext, shifts = self._search(e, ys)
-        return [self._result(e, ys[i], maps[i], ext[i], shifts[i], lib)
+        maps, ext, shifts, js = self._search(e, ys, shared_offset)
+        return [self._result(e, ys[i], maps[i], ext[i], shifts[i], lib, js)
                 for i in range(len(ys))]
 
     def _result(self, e: np.ndarray, y: np.ndarray, maps: dict[str, np.ndarray],
-                pre: np.ndarray, step_shift: float, lib: SpectrumLibrary) -> TenDqResult:
+                pre: np.ndarray, step_shift: float, lib: SpectrumLibrary, js: np.ndarray
+                ) -> TenDqResult:
         per, per_off, per_sim, per_k, per_b = {}, {}, {}, {}, {}
         for m in self.measures:
-            dq, off, _, b, k, dmin = self._refine(maps[m], m)
+            dq, off, _, b, k, dmin = self._refine(maps[m], m, js)
             per[m], per_off[m], per_k[m], per_b[m] = dq, off, k, b
             per_sim[m] = float(similarity_from_dissimilarity(dmin, m))
         cons = [per[m] for m in self.consensus]
@@ -621,7 +656,7 @@ class TenDqFitter:
                          if m in self.measures},
             per_measure_offset=per_off, flags=flags, score=float(score),
             threshold=float("nan") if self.threshold is None else float(self.threshold),
-            library_id=lib.library_id, extra=extra)
+            library_id=self._library_id, extra=extra)
 
     def _rejection(self, e: np.ndarray, y: np.ndarray, pre: np.ndarray, offset: float
                    ) -> tuple[float, dict[str, Any]]:
