@@ -9,7 +9,9 @@ approximated by a rank-R basis learned from all pixels (noise-weighted SVD),
     y_p(E) = sum_r alpha_rp phi_r(E) + noise,
 
 so the shapes are known with the noise of the whole map (P times smaller than a
-pixel's) and each pixel only needs its R amplitudes. The shapes are interpolated onto
+pixel's) and each pixel only needs its R amplitudes. R is the number of whitened
+singular values above the Marchenko-Pastur edge of the counting noise (capped): a
+component of pure noise would add its amplitude noise to every pixel. The shapes are interpolated onto
 a fine grid by Gaussian processes (:class:`~smartbeam.analysis.gp.WarpedGP`, warped
 around the located edges, hyperparameters shared by every pixel; the posterior is
 averaged over the hyperparameter grid weighted by marginal likelihood, because a few
@@ -24,9 +26,10 @@ noise through the amplitude fit) and a shape part (GP interpolation uncertainty 
 shapes between measured energies); m_orb and m_spin follow by the delta method.
 
 Acquisition: the next energy is the one that most reduces the sum over pixels of the
-posterior variance of m_orb per second of beam time. Both parts of the variance have
-closed-form one-step reductions that factor into "per energy" x "per pixel" terms, so
-the whole map is scored in O(G R + P R).
+posterior variance of m_orb per second of beam time, optionally jointly with the dwell
+of that energy (a longer dwell helps the pixel amplitudes, not the pooled shapes). Both
+parts of the variance have closed-form one-step reductions that factor into "per
+energy" x "per pixel" terms, so the whole map is scored in O(G R + P R).
 
 Everything here is pure numpy/scipy: no bluesky, no I/O.
 """
