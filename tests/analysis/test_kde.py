@@ -301,3 +301,30 @@ def test_total_without_spill_is_int32():
     acc = FrameAccumulator()
     acc.add(np.full((4, 4), 7, np.uint16))
     assert acc.total.dtype in (np.int32, np.int64) and np.all(acc.total == 7)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint16, np.float64])
+def test_repeated_frame_skipped_in_the_same_pass(dtype, add_path, monkeypatch):
+    from smartbeam.analysis import kde_stream
+
+    rng = np.random.default_rng(8)
+    f1 = rng.poisson(3.0, (32, 40)).astype(dtype)
+    f2 = f1.copy()
+    f2[31, 39] += 1  # one count more in the last pixel: a different frame
+    acc = FrameAccumulator()
+    assert acc.add(f1, skip_repeat=True)
+    assert not acc.add(f1.copy(), skip_repeat=True)  # re-sent: left out, sum restored
+    assert acc.add(f2, skip_repeat=True)
+    assert not acc.add(f2, skip_repeat=True)
+    assert acc.add(f1, skip_repeat=True)  # an earlier frame again is not a repeat
+    assert acc.add(f1)  # without skip_repeat every frame counts
+    assert acc.n_frames == 4
+    np.testing.assert_array_equal(acc.total, 3 * f1.astype(np.int64) + f2)
+    empty = np.zeros((32, 40), dtype)  # closed shutter: identical but legitimately so
+    assert acc.add(empty, skip_repeat=True) and acc.add(empty, skip_repeat=True)
+    # a repeat right after a spill of the fast sum is still recognised and removed
+    monkeypatch.setattr(kde_stream, "_INT32_MAX", int(acc.total.max()) + 5)
+    big = np.full((32, 40), 4, dtype)
+    assert acc.add(big, skip_repeat=True)
+    assert not acc.add(big, skip_repeat=True)
+    np.testing.assert_array_equal(acc.total, 3 * f1.astype(np.int64) + f2 + 4)

@@ -7,6 +7,7 @@ only when a result is emitted.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import cv2
@@ -39,6 +40,7 @@ _CV_RANGE = {np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16, np.in
 _FUSED_DTYPES = {np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16, np.int32,
                                        np.uint32, np.int64)}
 _fused = None  # the compiled check-and-add kernel, False when numba is unavailable
+_hashed = None  # the same with the frame's digest (check-add-and-hash), and hash only
 
 
 def _fused_add():
@@ -79,13 +81,71 @@ def _fused_add():
                 return (1 if lo < 0 else 2), 0
             return 0, hi
 
+        @numba.njit(nogil=True, cache=True)
+        def add_checked_hashed(acc, frame, limit):  # pragma: no cover - runs compiled
+            # add_checked, plus the frame's total and two 32-bit position-weighted sums
+            # (weights odd and nonlinear in the pixel index) in the same pass: the digest
+            # that tells a re-sent frame without a second read of it
+            a = acc.reshape(-1)
+            f = frame.reshape(-1)
+            lo = np.int64(0)
+            hi = np.int64(0)
+            tot = np.int64(0)
+            h1 = np.uint32(0)
+            h2 = np.uint32(0)
+            for i in range(f.size):
+                v = np.int64(f[i])
+                t = np.int64(a[i]) + v
+                a[i] = t
+                lo = min(lo, v)
+                hi = max(hi, t)
+                tot += v
+                u = np.uint32(f[i])
+                k1 = np.uint32(i) * np.uint32(0x9E3779B9)
+                h1 += u * ((k1 ^ (k1 >> np.uint32(13))) | np.uint32(1))
+                k2 = np.uint32(i) * np.uint32(0x85EBCA6B)
+                h2 += u * ((k2 ^ (k2 >> np.uint32(17))) | np.uint32(1))
+            if lo < 0 or hi > limit:
+                for i in range(f.size):
+                    a[i] -= f[i]
+                return (1 if lo < 0 else 2), 0, tot, h1, h2
+            return 0, hi, tot, h1, h2
+
+        @numba.njit(nogil=True, cache=True)
+        def frame_hash(frame):  # pragma: no cover - runs compiled
+            # the digest of add_checked_hashed alone (for the rare spill paths)
+            f = frame.reshape(-1)
+            tot = np.int64(0)
+            h1 = np.uint32(0)
+            h2 = np.uint32(0)
+            for i in range(f.size):
+                tot += np.int64(f[i])
+                u = np.uint32(f[i])
+                k1 = np.uint32(i) * np.uint32(0x9E3779B9)
+                h1 += u * ((k1 ^ (k1 >> np.uint32(13))) | np.uint32(1))
+                k2 = np.uint32(i) * np.uint32(0x85EBCA6B)
+                h2 += u * ((k2 ^ (k2 >> np.uint32(17))) | np.uint32(1))
+            return tot, h1, h2
+
+        global _hashed
         try:  # compile (or load from the disk cache) now, and check it once
             acc = np.zeros((2, 2), np.int32)
             ok = add_checked(acc, np.full((2, 2), 3, np.int32), _INT32_MAX) == (0, 3)
-            _fused = add_checked if ok and acc.sum() == 12 else False
+            three = np.full((2, 2), 3, np.int32)
+            st = add_checked_hashed(acc, three, _INT32_MAX)
+            ok = ok and st[:3] == (0, 6, 12) and tuple(st[2:]) == tuple(frame_hash(three))
+            _fused = add_checked if ok and acc.sum() == 24 else False
+            _hashed = (add_checked_hashed, frame_hash) if _fused else False
         except Exception:  # pragma: no cover - e.g. no writable cache: use numpy
             _fused = False
+            _hashed = False
     return _fused or None
+
+
+def _digest_numpy(a: np.ndarray) -> tuple:
+    """Digest of a frame off the fused path: its total and a BLAKE2b hash of its bytes."""
+    return (float(a.sum(dtype=np.float64)), str(a.dtype),
+            hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).digest())
 
 
 def _value_range(a: np.ndarray) -> tuple[float, float]:
@@ -128,6 +188,7 @@ class FrameAccumulator:
         self._sum: np.ndarray | None = None
         self._spill: np.ndarray | None = None
         self._bound = 0
+        self._last_digest: tuple | None = None
         self.n_frames = 0
         self.exposure = 0.0
 
@@ -160,8 +221,33 @@ class FrameAccumulator:
         self._sum[...] = 0
         self._bound = 0
 
-    def add(self, frame: np.ndarray, exposure: float = 1.0) -> None:
+    def add(self, frame: np.ndarray, exposure: float = 1.0, *, skip_repeat: bool = False,
+            min_repeat_counts: float = 10.0) -> bool:
         """Add one frame (integer or integer-valued float counts) of ``exposure`` seconds.
+
+        Parameters
+        ----------
+        frame
+            2-D counts of the accumulator's shape.
+        exposure
+            Counting time of the frame (s).
+        skip_repeat
+            Leave the frame out when it repeats the previous added frame (a detector that
+            sent the same frame again) and holds at least ``min_repeat_counts`` counts
+            (empty frames of a closed shutter are legitimately identical). On the fused
+            path the digest is computed in the same pass as the add: the frame's total and
+            two 32-bit sums of the counts with odd pixel weights, so an identical frame is
+            always recognised, a frame differing in one pixel never is, and other
+            different frames collide with a chance of ~2^-64. Off the fused path the
+            digest is a BLAKE2b hash of the bytes. A repeat is subtracted again (a second
+            pass for repeats only).
+        min_repeat_counts
+            See ``skip_repeat``.
+
+        Returns
+        -------
+        bool
+            False when the frame was skipped as a repeat, True when it was added.
 
         Raises
         ------
@@ -190,32 +276,58 @@ class FrameAccumulator:
             raise SmartbeamInputError(f"{name} has dtype {a.dtype}: expected integer "
                                       "counts like the frames accumulated so far")
         if fused is not None and self._sum.dtype.kind != "f":
-            self._add_fused(fused, np.ascontiguousarray(a), name)
+            a = np.ascontiguousarray(a)
+            target, digest = self._add_fused(fused, a, name, skip_repeat)
         else:
-            self._add_numpy(a, name)
+            target = self._add_numpy(a, name)
+            digest = _digest_numpy(a) if skip_repeat else None
+        if skip_repeat:
+            if digest == self._last_digest and digest[0] >= min_repeat_counts:
+                # the integer sums wrap modulo 2^n: subtracting restores them bit for bit
+                np.subtract(target, a, out=target, casting="unsafe")
+                return False
+            self._last_digest = digest
         self.n_frames += 1
         self.exposure += float(exposure)
+        return True
 
-    def _add_fused(self, kernel, a: np.ndarray, name: str) -> None:
-        status, hi = kernel(self._sum, a, self._limit())
+    def _add_fused(self, kernel, a: np.ndarray, name: str, digest: bool
+                   ) -> tuple[np.ndarray, tuple | None]:
+        """Fused check-and-add; returns the array the frame went into and, with
+        ``digest``, the frame's digest (computed in the same pass)."""
+        hashed = None
+        if digest:
+            hashed, frame_hash = _hashed
+
+            def run():
+                st, hi_, *dig = hashed(self._sum, a, self._limit())
+                return st, hi_, tuple(int(d) for d in dig)
+        else:
+            def run():
+                st, hi_ = kernel(self._sum, a, self._limit())
+                return st, hi_, None
+        status, hi, dig = run()
         if status == 2:  # a pixel would pass the fast sum's range: spill, then retry
             self._spill_sum()
-            status, hi = kernel(self._sum, a, self._limit())
+            status, hi, dig = run()
             if status == 2 and self._sum.dtype == _NARROW:
                 # frames of more than 65,535 counts in a pixel: widen the fast sum
                 self._sum = np.zeros(self.shape, np.int32)
-                status, hi = kernel(self._sum, a, self._limit())
+                status, hi, dig = run()
             if status == 2:  # one frame beyond int32 on its own: straight into int64
                 validate_frame(a, self.shape, name)
                 np.add(self._spill, a, out=self._spill, casting="unsafe")
-                return
+                if digest:
+                    dig = tuple(int(d) for d in frame_hash(a))
+                return self._spill, dig
         if status == 1:
             validate_frame(a, self.shape, name)  # raises with the bad pixel named
         # the largest pixel of the fast sum: a bound for the numpy path, should a frame of
         # another dtype come next
         self._bound = int(hi)
+        return self._sum, dig
 
-    def _add_numpy(self, a: np.ndarray, name: str) -> None:
+    def _add_numpy(self, a: np.ndarray, name: str) -> np.ndarray:
         hi = None
         if self.check:
             lo, hi = _value_range(a)
@@ -228,15 +340,17 @@ class FrameAccumulator:
                 self._spill_sum()
             if hi > self._limit():  # one frame beyond int32 on its own: straight into int64
                 np.add(self._spill, a, out=self._spill, casting="unsafe")
-                return
+                return self._spill
             self._bound += int(hi)
         np.add(self._sum, a, out=self._sum, casting="unsafe")
+        return self._sum
 
     def reset(self) -> None:
         """Forget all frames (keeps the shape)."""
         self._sum = None
         self._spill = None
         self._bound = 0
+        self._last_digest = None
         self.n_frames = 0
         self.exposure = 0.0
 
@@ -284,9 +398,11 @@ class StreamingKDE:
         """Total exposure accumulated so far (seconds)."""
         return self.acc.exposure
 
-    def add(self, frame: np.ndarray, exposure: float = 1.0) -> None:
-        """Add one raw frame (see :meth:`FrameAccumulator.add`)."""
-        self.acc.add(frame, exposure)
+    def add(self, frame: np.ndarray, exposure: float = 1.0, *, skip_repeat: bool = False,
+            min_repeat_counts: float = 10.0) -> bool:
+        """Add one raw frame (see :meth:`FrameAccumulator.add`); False if skipped as a repeat."""
+        return self.acc.add(frame, exposure, skip_repeat=skip_repeat,
+                            min_repeat_counts=min_repeat_counts)
 
     def result(self, variance: bool = True) -> KDEResult:
         """Select bandwidths, smooth the running sum and record the CV error history.

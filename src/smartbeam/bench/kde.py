@@ -222,6 +222,31 @@ def _throughput(quick: bool, rng: np.random.Generator) -> dict:
     acc = FrameAccumulator()
     acc.add(f2048)
     out["accumulate_sum_dtype"] = str(acc._sum.dtype)
+    # with the repeated-frame digest computed in the same pass (a fresh frame each time
+    # would cost a copy: the same frame is re-added with skip_repeat off after the check)
+    fresh = [f2048, f2048.copy()]
+    fresh[1][0, 0] += 1
+    acc = FrameAccumulator()
+    acc.add(fresh[0], skip_repeat=True)
+    state = {"i": 1}
+
+    def add_checked_repeat():
+        acc.add(fresh[state["i"] % 2], skip_repeat=True)
+        state["i"] += 1
+
+    out["accumulate_fps_2048_skip_repeat"] = 1e3 / _median_ms(
+        add_checked_repeat, n_acc, cpu, "accumulate_fps_2048_skip_repeat")
+    # for comparison: the separate repeated/bad-value check LiveKDE applies today
+    from smartbeam.faults import FrameSequence
+
+    seq = FrameSequence()
+
+    def check_alternate():
+        seq.check(fresh[state["i"] % 2])
+        state["i"] += 1
+
+    out["faults_check_frame_ms_2048"] = _median_ms(check_alternate, 5, cpu,
+                                                   "faults_check_frame_ms_2048")
     f128 = rng.poisson(0.5, (128, 128)).astype(np.int32)
     acc = FrameAccumulator()
     acc.add(f128)
