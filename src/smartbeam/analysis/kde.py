@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.fft as sfft
+from scipy import sparse
 
 from smartbeam.errors import SmartbeamInputError
 
@@ -862,29 +863,36 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
                     vals[c] = ring_values(sp, j, candidates[c])
         return vals
 
-    # one-hot band of each scored bin: band sums of all candidates as one matrix product
-    band_onehot = np.zeros((band_of.size, n_bands))
-    band_onehot[np.arange(band_of.size), band_of] = 1.0
+    # band of each scored bin as a sparse one-hot matrix: the band sums of a block of
+    # candidates are one product
+    band_onehot_t = sparse.csr_matrix((np.ones(band_of.size), (band_of, np.arange(band_of.size))),
+                                      shape=(n_bands, band_of.size))
+    # candidates per block: bounds the memory of the stacked values (~4M bins per block)
+    block = max(1, 4_000_000 // max(band_of.size, 1))
 
     def evaluate(todo: Sequence[int]) -> None:
         todo = list(todo)
-        rows_ = np.array(todo)
-        for sp in splits:
-            raw, noise = sp["raw"], sp["noise"]
-            both = [half_values(sp, j, todo) for j in (0, 1)]
-            est = [np.where(ok, np.stack([both[j][c] for c in todo]).astype(np.float64), 0.0)
-                   for j in (0, 1)]
-            # two-fold CV: each smoothed half scored against the other raw half
-            err = 0.5 * ((est[0] - raw[1]) ** 2 + (est[1] - raw[0]) ** 2)
-            # E (est_A - est_B)^2 / 2 = Var(est) of one half (A, B independent)
-            d2 = 0.5 * (est[0] - est[1]) ** 2
-            # unbiased for E(est - mu/2)^2: subtract the Poisson variance of the raw half
-            sums = np.concatenate([err * weight, err - noise, d2, d2 * weight]) @ band_onehot
-            n = len(todo)
-            score[rows_] += sums[:n]
-            mse[rows_] += sums[n:2 * n]
-            var[rows_] += sums[2 * n:3 * n]
-            var_w[rows_] += sums[3 * n:]
+        for start in range(0, len(todo), block):
+            part = todo[start:start + block]
+            rows_ = np.array(part)
+            n = len(part)
+            for sp in splits:
+                raw, noise = sp["raw"], sp["noise"]
+                both = [half_values(sp, j, part) for j in (0, 1)]
+                est = [np.where(ok, np.stack([both[j][c] for c in part]).astype(np.float64),
+                                0.0) for j in (0, 1)]
+                # two-fold CV: each smoothed half scored against the other raw half
+                err = 0.5 * ((est[0] - raw[1]) ** 2 + (est[1] - raw[0]) ** 2)
+                # E (est_A - est_B)^2 / 2 = Var(est) of one half (A, B independent)
+                d2 = 0.5 * (est[0] - est[1]) ** 2
+                # mse: unbiased for E(est - mu/2)^2 (the raw half's Poisson variance
+                # subtracted)
+                terms = np.concatenate([err * weight, err - noise, d2, d2 * weight])
+                sums = (band_onehot_t @ terms.T).T
+                score[rows_] += sums[:n]
+                mse[rows_] += sums[n:2 * n]
+                var[rows_] += sums[2 * n:3 * n]
+                var_w[rows_] += sums[3 * n:]
 
     if search == "full":
         evaluate(range(len(candidates)))
