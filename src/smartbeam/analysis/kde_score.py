@@ -109,35 +109,38 @@ class RowScorer:
         return self._inv_iso[sigma]
 
     def prepare_ring(self, ring_filtered: np.ndarray, rad: int) -> np.ndarray:
-        """Transpose (rho contiguous) and zero-pad along rho a ring-filtered polar grid.
+        """The cells along q around each scored cell of a ring-filtered polar grid.
 
         Parameters
         ----------
         ring_filtered
             ``(n_r, n_phi)`` polar cell sums filtered along the ring (or the raw sums).
         rad
-            Largest q-kernel radius (cells) that :meth:`ring` will apply to it.
+            Largest q-kernel radius (cells) that :meth:`ring` will apply to them.
 
         Returns
         -------
         numpy.ndarray
-            float32 ``(n_phi, n_r + 2 rad)``: the 2 rad + 1 cells along q around a scored
-            cell are one contiguous window, and the zero border is that of the full-grid
-            q filter.
+            float32 ``(n_scored, 2 rad + 1)``: row ``s`` holds the cells ``rho_s - rad``
+            to ``rho_s + rad`` at the scored cell's azimuth (zero beyond the grid, the
+            border of the full-grid q filter), in the scorer's internal order.
         """
+        # transposed (rho contiguous) and zero-padded along rho: each window is then one
+        # contiguous run of cells
         grid_t = cv2.transpose(np.ascontiguousarray(ring_filtered, np.float32))
-        return cv2.copyMakeBorder(grid_t, 0, 0, rad, rad, cv2.BORDER_CONSTANT, value=0)
+        grid_t = cv2.copyMakeBorder(grid_t, 0, 0, rad, rad, cv2.BORDER_CONSTANT, value=0)
+        return sliding_window_view(grid_t, 2 * rad + 1, axis=1)[self.phi, self.rho]
 
-    def ring(self, prepared: np.ndarray, sigma_ring: float, sigma_qs: Sequence[float]
+    def ring(self, windows: np.ndarray, sigma_ring: float, sigma_qs: Sequence[float]
              ) -> list[np.ndarray]:
         """Ring kernels at the scored pixels from a grid already filtered along the ring.
 
         Parameters
         ----------
-        prepared
+        windows
             :meth:`prepare_ring` of the polar cell sums filtered along the ring with
-            ``sigma_ring`` (the raw cell sums for ``sigma_ring == 0``), padded by at least
-            the radius of every q kernel asked for.
+            ``sigma_ring`` (the raw cell sums for ``sigma_ring == 0``), with a radius at
+            least that of every q kernel asked for.
         sigma_ring
             The along-ring standard deviation used (selects the mask normaliser).
         sigma_qs
@@ -150,19 +153,15 @@ class RowScorer:
         """
         if not len(sigma_qs):
             return []
-        pad = (prepared.shape[1] - self.geometry.polar.n_r) // 2
+        pad = (windows.shape[1] - 1) // 2
         ks = [gaussian_kernel_1d(s).astype(np.float32) if s > 0 else _ONE for s in sigma_qs]
         rad = max(k.size // 2 for k in ks)
         if rad > pad:
             raise SmartbeamInputError(f"q-kernel radius {rad} cells: expected at most the "
-                                      f"padding of the prepared grid ({pad})")
-        # windows of 2 pad + 1 cells centred on each scored cell; only the middle
-        # 2 rad + 1 carry weight
-        windows = sliding_window_view(prepared, 2 * pad + 1, axis=1)[self.phi, self.rho]
-        windows = windows[:, pad - rad:pad + rad + 1]
-        w = np.zeros((2 * rad + 1, len(ks)), np.float32)
+                                      f"radius of the prepared windows ({pad})")
+        w = np.zeros((2 * pad + 1, len(ks)), np.float32)
         for i, k in enumerate(ks):
-            w[rad - k.size // 2:rad + k.size // 2 + 1, i] = k
+            w[pad - k.size // 2:pad + k.size // 2 + 1, i] = k
         vals = (windows @ w).T
         return [(vals[i] * self._ring_inv(float(s), float(sigma_ring)))[self._back]
                 for i, s in enumerate(sigma_qs)]
