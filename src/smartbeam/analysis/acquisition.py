@@ -41,9 +41,14 @@ class CostModel:
     dwell
         Counting time per helicity (s).
     mono_speed
-        Monochromator speed (eV/s).
+        Monochromator speed (eV/s). 20 eV/s: a soft X-ray PGM with its undulator gap
+        tracking moves at tens of eV/s (the caproto twin's energy axis moves at 200 eV/s,
+        faster still). The earlier 5 eV/s made a 20 eV jump cost more than the point
+        itself, so the scan crawled along the window instead of going where m_orb is
+        uncertain.
     move_overhead
-        Settling time of any move (s).
+        Settling time of any move (s); the same for every candidate, so it scales the
+        cost but does not change which energy is cheapest.
     pol_switch
         Time of one helicity switch (s); one per point when helicities alternate.
     exposures
@@ -51,7 +56,7 @@ class CostModel:
     """
 
     dwell: float = 1.0
-    mono_speed: float = 5.0
+    mono_speed: float = 20.0
     move_overhead: float = 0.3
     pol_switch: float = 1.0
     exposures: int = 2
