@@ -807,9 +807,11 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
             cells[j] = polar.to_cells(sp["h32"][j])
         key = (j, sigma_ring)
         if key not in sp["ring_done"]:
-            # keep ring-filtered grids for later search stages while they fit in ~100 MB
-            while sp["ring_done"] and (len(sp["ring_done"]) + 1) * cells[j].nbytes > 100e6:
-                sp["ring_done"].pop(next(iter(sp["ring_done"])))
+            # keep ring-filtered grids (or the row scorer's windows of them, smaller) for
+            # later search stages while they fit in ~100 MB
+            held = sum(v.nbytes for v in sp["ring_done"].values())
+            while sp["ring_done"] and held + cells[j].nbytes > 100e6:
+                held -= sp["ring_done"].pop(next(iter(sp["ring_done"]))).nbytes
             if sigma_ring > 0:
                 if spectra[j] is None:
                     spectra[j] = sfft.rfft(cells[j], axis=1)
