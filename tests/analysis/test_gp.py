@@ -287,3 +287,18 @@ def test_failed_background_refit_keeps_previous_hyperparameters(caplog, monkeypa
     assert "refit failed" in caplog.text
     assert sc.model.hyperparameters() == before
     assert np.isfinite(d.moments["m_orb_sd"]) and sc.n_points == 16
+
+
+def test_xmcd_gp_warp_grid_is_honoured_and_validated():
+    rng = np.random.default_rng(3)
+    e = np.linspace(695.0, 735.0, 40)
+    mp, mm, vp, vm = measure(e, rng)
+    with threadpool_limits(1):
+        narrow = XMCDGP(695.0, 735.0, 3.39, edges=(707.8, 720.8), warp_grid=(0.0, 2.0))
+        narrow.fit(e, mp, mm, vp, vm)
+        wide = XMCDGP(695.0, 735.0, 3.39, edges=(707.8, 720.8)).fit(e, mp, mm, vp, vm)
+    assert {narrow.gp_s.warp, narrow.gp_d.warp} <= {0.0, 2.0}
+    assert {wide.gp_s.warp, wide.gp_d.warp} <= set(XMCDGP.WARP_GRID)
+    for bad in ((), (-1.0, 3.0), (np.nan,)):
+        with pytest.raises(SmartbeamInputError, match="warp_grid"):
+            XMCDGP(695.0, 735.0, 3.39, warp_grid=bad)
