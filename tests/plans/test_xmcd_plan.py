@@ -70,6 +70,7 @@ def test_dense_scan_moments(setup):
     (dict(max_points=8, n_init=12), "max_points"),
     (dict(polarisations=["circ+", "circular"]), "circular"),
     (dict(e_min=500.0), "limits"),
+    (dict(mono_speed=0.0), "mono_speed"),
 ])
 def test_bad_input_raises_before_run(setup, kwargs, match):
     RE, docs, st = setup

@@ -190,7 +190,7 @@ def xmcd_adaptive_scan(endstation: Readable, e_min: float, e_max: float, *,
                        n_init: int = 12, dwell: float = 1.0, target: str = "m_orb",
                        strategy: str = "smartbeam",
                        polarisations: list[str] | None = None,
-                       sync_refits: bool = False,
+                       sync_refits: bool = False, mono_speed: float = 20.0,
                        md: dict | None = None):
     """GP-adaptive XMCD scan that stops when the orbital/spin moment is known.
 
@@ -233,6 +233,9 @@ def xmcd_adaptive_scan(endstation: Readable, e_min: float, e_max: float, *,
         scan goes on, and decisions use the previous hyperparameters until a refit
         lands, so no decision waits for a refit. True: refits inline (reproducible for
         a given noise sequence, slower decisions).
+    mono_speed : float
+        Monochromator (and gap) speed in eV/s used by the cost of a move; default 20 eV/s
+        (see :class:`~smartbeam.analysis.acquisition.CostModel`).
     md : dict, optional
         Extra run metadata.
     """
@@ -247,6 +250,10 @@ def xmcd_adaptive_scan(endstation: Readable, e_min: float, e_max: float, *,
                                   "integers")
     if target not in TARGETS:
         raise SmartbeamInputError(f"target={target!r}: expected one of {TARGETS}")
+    if isinstance(mono_speed, bool) or not isinstance(mono_speed, int | float) or not (
+            mono_speed > 0):
+        raise SmartbeamInputError(f"mono_speed={mono_speed!r}: expected a positive speed "
+                                  "in eV/s")
     if strategy not in STRATEGIES:
         raise SmartbeamInputError(f"strategy={strategy!r}: expected one of {STRATEGIES}")
     if edges is not None and len(edges) != 2:
@@ -258,7 +265,7 @@ def xmcd_adaptive_scan(endstation: Readable, e_min: float, e_max: float, *,
                            stopping=StoppingRule(rtol=float(tol), atol=atol,
                                                  max_points=max_points,
                                                  min_points=n_init + 4),
-                           cost=CostModel(dwell=float(dwell)),
+                           cost=CostModel(dwell=float(dwell), mono_speed=float(mono_speed)),
                            sync_refits=bool(sync_refits))
     dec_example = {"energy": 0.0, "acquisition": 0.0, "n_points": 0, "m_orb": 0.0,
                    "m_orb_sd": 0.0, "m_spin": 0.0, "m_spin_sd": 0.0, "refit": False,
@@ -271,7 +278,7 @@ def xmcd_adaptive_scan(endstation: Readable, e_min: float, e_max: float, *,
            "plan_args": {"e_min": e_min, "e_max": e_max, "edges": edges, "n_h": n_h, "tol": tol,
                          "atol": atol, "max_points": max_points, "n_init": n_init,
                          "dwell": dwell, "target": target, "strategy": strategy,
-                         "sync_refits": sync_refits},
+                         "sync_refits": sync_refits, "mono_speed": mono_speed},
            "hints": {"dimensions": [([endstation.energy.name], "primary")]}}
     _md.update(md or {})
 
