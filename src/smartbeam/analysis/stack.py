@@ -62,11 +62,13 @@ __all__ = [
 # Counts below this are treated as this (log of zero counts).
 _MIN_COUNTS = 0.5
 
-# Hyperparameter grid of the shape GPs (normalised data, so amplitudes near 1). A fixed
-# grid evaluated with one batched Cholesky replaces scikit-learn's L-BFGS refits, whose
+# Hyperparameter grid of the shape GPs (normalised data, so amplitudes near 1). Lengths
+# reach 206 (warped units): with strong warps around the edges the likelihood optimum
+# sat on the former 60 bound. A fixed grid (one eigendecomposition per warp and
+# length) replaces scikit-learn's L-BFGS refits, whose
 # likelihood gradients cost ~25 ms per evaluation and made refits 90 % of a map's
 # analysis; the grid is refined once around its best point.
-_LENGTHS = np.geomspace(0.3, 60.0, 14)
+_LENGTHS = np.geomspace(0.3, 206.0, 17)
 _AMPLITUDES = np.geomspace(0.05, 20.0, 7)
 
 # Singular values must exceed the white-noise edge by this factor to count as signal
@@ -77,7 +79,7 @@ _MP_MARGIN = 1.05
 def grid_refit(gp: WarpedGP, x: np.ndarray, y: np.ndarray, noise_var: np.ndarray) -> WarpedGP:
     """Fit a :class:`WarpedGP`'s warp, length and amplitude on a grid, then condition it.
 
-    Maximises the log marginal likelihood over ``gp.warp_grid`` x 14 length scales x 7
+    Maximises the log marginal likelihood over ``gp.warp_grid`` x 17 length scales x 7
     amplitudes (one eigendecomposition per warp and length), then over a 5 x 5 finer
     grid around the best point. Same model and likelihood as :meth:`WarpedGP.refit`,
     ~50x cheaper.
@@ -336,7 +338,7 @@ class StackModel:
     def __init__(self, e_min: float, e_max: float, n_h: float, *,
                  edges: tuple[float, float] | None = None, rank: int = 2, n_grid: int = 161,
                  step_width: float = 0.6, rank_from_noise: bool = True,
-                 warp_grid: tuple[float, ...] = (0.0, 3.0, 8.0, 16.0, 32.0)) -> None:
+                 warp_grid: tuple[float, ...] = (0.0, 3.0, 8.0, 16.0, 32.0, 64.0)) -> None:
         if not (np.isfinite(e_min) and np.isfinite(e_max) and e_min < e_max):
             raise SmartbeamInputError(f"e_min={e_min!r}, e_max={e_max!r}: expected finite "
                                       "energies with e_min < e_max")
@@ -465,7 +467,8 @@ class StackModel:
         mixtures = []
         for r in range(rank):
             ue, yr, nv, _ = self._pooled(self.energy, basis[:, r], self.noise_bar / n_pix)
-            gp = WarpedGP(centres=self.edges, warp_grid=self.warp_grid)
+            gp = WarpedGP(centres=self.edges, warp_grid=self.warp_grid,
+                          length_bounds=(_LENGTHS[0], _LENGTHS[-1]))
             if refit or r >= len(hyper):
                 mix = hyper_mixture(gp, ue, yr, nv)
             else:
