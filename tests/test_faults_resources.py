@@ -149,3 +149,23 @@ def test_identical_frame_is_repeated_even_when_the_counter_advances():
     assert "counter advanced 7 -> 9" in v.detail and d2 == d1
     g = rng.poisson(3.0, (16, 16)).astype(np.int32)
     assert check_frame(g, counter=10, previous_counter=9, previous_digest=d1)[0].flag == "ok"
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint16, np.float32, np.float64])
+def test_check_frame_values_and_digest_per_dtype(dtype):
+    frame = np.arange(64, dtype=dtype).reshape(8, 8)
+    verdict, digest = check_frame(frame)
+    assert verdict.accepted and digest is not None
+    # the same content again is a repeat; one pixel changed by one count is not
+    assert check_frame(frame.copy(), previous_digest=digest)[0].flag == "repeated"
+    other = frame.copy()
+    other[7, 7] += 1
+    assert check_frame(other, previous_digest=digest)[0].flag == "ok"
+    bad_values = [-1] if np.dtype(dtype).kind == "i" else [-1.0, np.nan, np.inf]
+    if np.dtype(dtype).kind == "u":
+        bad_values = []  # unsigned counts cannot be bad
+    for value in bad_values:
+        bad = frame.copy()
+        bad[2, 3] = value
+        verdict, _ = check_frame(bad)
+        assert verdict.flag == "bad_values" and "1 pixel(s)" in verdict.detail
