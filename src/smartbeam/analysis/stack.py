@@ -980,7 +980,8 @@ def lowrank_denoise(od: np.ndarray, var: np.ndarray, rank: int | None = None
 
 
 def tendq_maps(fitter, energy: np.ndarray, od: np.ndarray, var: np.ndarray | None = None,
-               *, denoise: bool = True, rank: int | None = None) -> dict[str, np.ndarray]:
+               *, denoise: bool = True, rank: int | None = None,
+               shared_offset: float | None = 0.5) -> dict[str, np.ndarray]:
     """Per-pixel 10Dq, its sd and the rejection mask of an OD stack.
 
     Parameters
@@ -999,6 +1000,11 @@ def tendq_maps(fitter, energy: np.ndarray, od: np.ndarray, var: np.ndarray | Non
         amplitudes, so regions stay one pixel sharp.
     rank
         Components of the projection (None: chosen from the noise).
+    shared_offset
+        The pixels of a stack share one monochromator calibration: each is searched
+        within this half width (eV) of their median offset (see
+        :meth:`~smartbeam.analysis.tendq.TenDqFitter.predict_many`); ``None`` searches each
+        pixel over the fitter's whole offset range.
 
     Returns
     -------
@@ -1019,7 +1025,7 @@ def tendq_maps(fitter, energy: np.ndarray, od: np.ndarray, var: np.ndarray | Non
         stack, info = lowrank_denoise(stack, var, rank)
         used_rank = info["rank"]
     ny, nx = stack.shape[1:]
-    results = fitter.predict_many(e, stack.reshape(e.size, -1).T)
+    results = fitter.predict_many(e, stack.reshape(e.size, -1).T, shared_offset=shared_offset)
     out = {
         "ten_dq": np.array([r.ten_dq if r.described else np.nan for r in results]),
         "ten_dq_sd": np.array([r.sd if r.described else np.nan for r in results]),
