@@ -75,6 +75,14 @@ _AMPLITUDES = np.geomspace(0.05, 20.0, 7)
 # (finite-size fluctuations of the largest noise singular value are a few per cent).
 _MP_MARGIN = 1.05
 
+# Distinct energies needed before the line prior is used (6 coefficients, and a few
+# degrees of freedom for the remainder GP), and measured energies within
+# _LINE_SAMPLED_EV of each located edge (a line's width and offset are not identified by
+# fewer: the fit is then confidently wrong).
+_LINE_MIN_ENERGIES = 10
+_LINE_SAMPLED = 3
+_LINE_SAMPLED_EV = 1.5
+
 
 def grid_refit(gp: WarpedGP, x: np.ndarray, y: np.ndarray, noise_var: np.ndarray) -> WarpedGP:
     """Fit a :class:`WarpedGP`'s warp, length and amplitude on a grid, then condition it.
@@ -138,7 +146,8 @@ def _grid_refit(gp: WarpedGP, x: np.ndarray, y: np.ndarray, noise_var: np.ndarra
 
 
 def _grid_lml(gp: WarpedGP, x: np.ndarray, yn: np.ndarray, alpha: np.ndarray,
-              cands: list[tuple[float, float, float]]) -> np.ndarray:
+              cands: list[tuple[float, float, float]], h: np.ndarray | None = None
+              ) -> np.ndarray:
     """Log marginal likelihood of each (warp, length, amplitude); -inf where not finite.
 
     With D = diag(alpha) and M the unit-amplitude kernel, ``K = amp M + D =
@@ -146,11 +155,18 @@ def _grid_lml(gp: WarpedGP, x: np.ndarray, yn: np.ndarray, alpha: np.ndarray,
     per (warp, length) then gives the likelihood of every amplitude in O(n): the grid
     costs one eigh per length instead of one Cholesky and one solve per grid point, and
     the whitened S stays well conditioned however small the pooled noise.
+
+    With explicit basis functions ``h`` (n, m) of vague prior (a mean function with free
+    linear coefficients) the restricted likelihood (Rasmussen & Williams eq. 2.45 in the
+    limit of an infinite coefficient prior) is returned instead: with ``A = H^T K^-1 H``
+    it adds ``1/2 b^T A^-1 b - 1/2 log|A|`` (``b = H^T K^-1 y``), still O(n m^2) per
+    amplitude after the one eigendecomposition.
     """
     out = np.full(len(cands), -np.inf)
+    m = 0 if h is None else h.shape[1]
     dinv = 1.0 / np.sqrt(alpha)
     zw = yn * dinv
-    const = -0.5 * np.sum(np.log(alpha)) - 0.5 * x.size * np.log(2 * np.pi)
+    const = -0.5 * np.sum(np.log(alpha)) - 0.5 * (x.size - m) * np.log(2 * np.pi)
     for a in sorted({c[0] for c in cands}):
         idx = [i for i, c in enumerate(cands) if c[0] == a]
         u = gp.warp_inputs(x, a)
@@ -159,14 +175,171 @@ def _grid_lml(gp: WarpedGP, x: np.ndarray, yn: np.ndarray, alpha: np.ndarray,
         s_ = np.stack([_matern52_r(r, ln) for ln in lengths]) * np.outer(dinv, dinv)
         lam, vecs = np.linalg.eigh(s_)
         lam = np.maximum(lam, 0.0)  # M is positive semi-definite; clip round-off
-        z2 = np.einsum("lij,i->lj", vecs, zw) ** 2           # (L, n)
+        zv = np.einsum("lij,i->lj", vecs, zw)                 # (L, n)
+        z2 = zv ** 2
+        hv = None if h is None else np.einsum("lij,ik->ljk", vecs, h * dinv[:, None])
         row = {ln: j for j, ln in enumerate(lengths)}
         for i in idx:
             j, amp = row[cands[i][1]], cands[i][2]
             d = amp * lam[j] + 1.0
             out[i] = const - 0.5 * np.sum(z2[j] / d) - 0.5 * np.sum(np.log(d))
+            if hv is not None:
+                out[i] += _restricted_term(hv[j], zv[j], d)
     out[~np.isfinite(out)] = -np.inf
     return out
+
+
+def _restricted_term(hv: np.ndarray, zv: np.ndarray, d: np.ndarray) -> float:
+    """``1/2 b^T A^-1 b - 1/2 log|A|`` of the restricted likelihood in the eigenbasis."""
+    a = hv.T @ (hv / d[:, None])
+    b = hv.T @ (zv / d)
+    sign, logdet = np.linalg.slogdet(a)
+    if sign <= 0:
+        return -np.inf
+    try:
+        quad = float(b @ np.linalg.solve(a, b))
+    except np.linalg.LinAlgError:
+        return -np.inf
+    return 0.5 * quad - 0.5 * logdet
+
+
+def line_basis(energy: np.ndarray, edges: tuple[float, float], shifts: tuple[float, float],
+               hwhm: tuple[float, float], step_width: float) -> np.ndarray:
+    """Generic L2,3-edge basis functions: the physical prior mean of the shape GPs.
+
+    Columns: constant, linear slope, arctan edge steps at L3 and L2 (width
+    ``step_width``, the sum rules' step), and unit-height Lorentzian white lines at
+    ``edges + shifts`` with half widths ``hwhm`` (core-hole lifetime broadening). Their
+    coefficients are free (a vague prior), the same family for every pixel and channel:
+    the sum channel needs steps and lines, the dichroism lines of either sign.
+
+    Parameters
+    ----------
+    energy
+        (n,) energies (eV).
+    edges
+        Located (L3, L2) white lines (eV).
+    shifts, hwhm
+        Offset of each Lorentzian from its edge and its half width (eV).
+    step_width
+        Width of the arctan steps (eV).
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, 6) basis matrix, columns scaled to unit height.
+    """
+    e = np.asarray(energy, dtype=float)
+    e3, e2 = edges
+    mid, half = 0.5 * (e3 + e2), max(0.5 * (e2 - e3), 1e-6)
+    cols = [np.ones_like(e), (e - mid) / half / 4.0]
+    cols += [0.5 + np.arctan((e - c) / step_width) / np.pi for c in edges]
+    # Lorentzians only: a free Gaussian (resolution) weight per line as well was tried and
+    # overfitted 14-20 energies (map error 4x its stated sd).
+    cols += [w * w / ((e - c - s_) ** 2 + w * w) for c, s_, w in zip(edges, shifts, hwhm,
+                                                                       strict=True)]
+    return np.stack(cols, axis=1)
+
+
+# Line offsets and half widths searched for the prior mean (eV). The widths cover 3d
+# L-edge white lines (lifetime + resolution, ~0.3-3 eV HWHM); the offsets let a channel's
+# lines (e.g. the dichroism) sit off the maxima of the isotropic spectrum.
+_LINE_SHIFTS = np.linspace(-0.6, 0.6, 7)
+_LINE_HWHM = np.geomspace(0.3, 3.0, 9)
+
+
+def line_mixture(gp: WarpedGP, x: np.ndarray, y: np.ndarray, noise_var: np.ndarray,
+                 edges: tuple[float, float], step_width: float, *, max_terms: int = 12,
+                 min_weight: float = 1e-3) -> tuple[tuple, list[tuple[float, ...]]]:
+    """Fit the line prior mean and the remainder GP's hyperparameter mixture.
+
+    The shapes are modelled as :func:`line_basis` (free coefficients) plus a warped GP of
+    the remainder. Line offsets and widths are chosen by the restricted marginal
+    likelihood of the measured data (coordinate search, one line at a time, at the most
+    likely GP hyperparameters); the GP hyperparameters are then weighted on the grid as
+    in :func:`hyper_mixture`. Without the prior the GP must explain the white lines
+    themselves, and with few energies its stated uncertainty of their areas is several
+    times the actual error.
+
+    Parameters
+    ----------
+    gp
+        The model (``centres``, ``warp_grid`` and ``length_bounds`` are used); it is left
+        with the most likely hyperparameters (not conditioned).
+    x, y, noise_var
+        Inputs, values and known noise variances.
+    edges, step_width
+        Located (L3, L2) and the step width of :func:`line_basis`.
+
+    Returns
+    -------
+    line, mixture
+        ``line = (shifts, hwhm)`` and the ``(warp, length, amplitude, weight)`` list.
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    nv = np.broadcast_to(np.asarray(noise_var, dtype=float), x.shape)
+    y_mean, y_scale = float(np.mean(y)), float(np.std(y)) or 1.0
+    yn = (y - y_mean) / y_scale
+    alpha = nv / y_scale**2 + 1e-9
+    lo, hi = gp.length_bounds
+    warps = gp.warp_grid if gp.centres else (0.0,)
+    lengths = _LENGTHS[(_LENGTHS >= lo) & (_LENGTHS <= hi)]
+    coarse = [(a, ln, amp) for a in warps for ln in lengths for amp in _AMPLITUDES]
+    shifts, hwhm = [0.0, 0.0], [1.0, 1.0]
+
+    def basis():
+        return line_basis(x, edges, tuple(shifts), tuple(hwhm), step_width)
+
+    lml = _grid_lml(gp, x, yn, alpha, coarse, basis())
+    best = coarse[int(np.argmax(lml))]
+    for i in (0, 1, 0, 1):  # two coordinate sweeps over the two lines
+        cands = [(s_, w) for s_ in _LINE_SHIFTS for w in _LINE_HWHM]
+        scores = []
+        for s_, w in cands:
+            shifts[i], hwhm[i] = s_, w
+            scores.append(_grid_lml(gp, x, yn, alpha, [best], basis())[0])
+        shifts[i], hwhm[i] = cands[int(np.argmax(scores))]
+    lml = _grid_lml(gp, x, yn, alpha, coarse, basis())
+    top = int(np.argmax(lml))
+    gp.warp, gp.length, gp.amplitude = coarse[top]
+    gp.y_mean, gp.y_scale, gp.log_marginal_likelihood = y_mean, y_scale, float(lml[top])
+    w = np.exp(lml - np.max(lml)) if np.isfinite(lml[top]) else np.ones(len(coarse))
+    order = [i for i in np.argsort(w)[::-1][:max_terms] if w[i] >= min_weight * w.max()]
+    total = float(np.sum(w[order]))
+    mix = [(*coarse[i], float(w[i] / total)) for i in order]
+    return (tuple(shifts), tuple(hwhm)), mix
+
+
+def _basis_posterior(gp: WarpedGP, x: np.ndarray, y: np.ndarray, nv: np.ndarray,
+                     h: np.ndarray, hg: np.ndarray, grid: np.ndarray, warp: float,
+                     length: float, amp: float, y_scale: float
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior mean and covariance on ``grid`` of basis (vague prior) + warped GP.
+
+    Rasmussen & Williams eqs. 2.41-2.42: ``mean = Hg beta + K*^T K^-1 (y - H beta)``,
+    ``cov = K** - K*^T K^-1 K* + R^T (H^T K^-1 H)^-1 R`` with ``R = Hg^T - H^T K^-1 K*``
+    (the last term is the uncertainty of the basis coefficients).
+    """
+    from scipy.linalg import cho_factor, cho_solve, cholesky, solve_triangular
+
+    s2 = amp * y_scale**2
+    u, ug = gp.warp_inputs(x, warp), gp.warp_inputs(grid, warp)
+    kxx = s2 * _matern52_r(np.abs(u[:, None] - u[None, :]), length)
+    kxx[np.diag_indices_from(kxx)] += nv + 1e-9 * y_scale**2
+    chol = cholesky(kxx, lower=True, check_finite=False)
+    v = solve_triangular(chol, s2 * _matern52_r(np.abs(u[:, None] - ug[None, :]), length),
+                         lower=True, check_finite=False)
+    hw = solve_triangular(chol, h, lower=True, check_finite=False)
+    yw = solve_triangular(chol, y, lower=True, check_finite=False)
+    a = hw.T @ hw
+    a_f = cho_factor(a + 1e-12 * np.trace(a) * np.eye(a.shape[0]), check_finite=False)
+    beta = cho_solve(a_f, hw.T @ yw, check_finite=False)
+    mean = hg @ beta + v.T @ (yw - hw @ beta)
+    r = hg.T - hw.T @ v                                                  # (m, G)
+    kgg = s2 * _matern52_r(np.abs(ug[:, None] - ug[None, :]), length)
+    cov = kgg - v.T @ v + r.T @ cho_solve(a_f, r, check_finite=False)
+    return mean, cov
 
 
 def hyper_mixture(gp: WarpedGP, x: np.ndarray, y: np.ndarray, noise_var: np.ndarray, *,
@@ -333,12 +506,20 @@ class StackModel:
     warp_grid
         Candidate input-warp strengths of the shape GPs, compared by marginal likelihood.
         White lines ~1 eV wide beside ~10 eV of smooth pre/post-edge need strong warps.
+    line_prior
+        Model each shape as generic edge physics (:func:`line_basis`: arctan steps and
+        Lorentzian white lines at the located edges, offsets and widths fitted to the
+        data, free coefficients) plus a GP of the remainder, instead of a zero-mean GP.
+        The GP alone overstates the shapes' uncertainty between sparse energies several
+        fold, which made the acquisition explore energies long after the shapes were
+        known; the coefficients' own uncertainty stays in the posterior.
     """
 
     def __init__(self, e_min: float, e_max: float, n_h: float, *,
                  edges: tuple[float, float] | None = None, rank: int = 2, n_grid: int = 161,
                  step_width: float = 0.6, rank_from_noise: bool = True,
-                 warp_grid: tuple[float, ...] = (0.0, 3.0, 8.0, 16.0, 32.0, 64.0)) -> None:
+                 warp_grid: tuple[float, ...] = (0.0, 3.0, 8.0, 16.0, 32.0, 64.0),
+                 line_prior: bool = True) -> None:
         if not (np.isfinite(e_min) and np.isfinite(e_max) and e_min < e_max):
             raise SmartbeamInputError(f"e_min={e_min!r}, e_max={e_max!r}: expected finite "
                                       "energies with e_min < e_max")
@@ -355,7 +536,8 @@ class StackModel:
         self.step_width = step_width
         self.edges: tuple[float, float] | None = None
         self.functionals: SumRuleFunctionals | None = None
-        self._hyper: dict[str, list[list[tuple[float, ...]]]] = {}
+        self.line_prior = bool(line_prior)
+        self._hyper: dict[str, list[tuple]] = {}
         self._fitted = False
 
     # -- fitting ---------------------------------------------------------------------
@@ -469,25 +651,41 @@ class StackModel:
             ue, yr, nv, _ = self._pooled(self.energy, basis[:, r], self.noise_bar / n_pix)
             gp = WarpedGP(centres=self.edges, warp_grid=self.warp_grid,
                           length_bounds=(_LENGTHS[0], _LENGTHS[-1]))
-            if refit or r >= len(hyper):
-                mix = hyper_mixture(gp, ue, yr, nv)
+            # The line prior needs a few energies beyond its 6 coefficients.
+            use_line = (self.line_prior and ue.size >= _LINE_MIN_ENERGIES
+                        and all(np.sum(np.abs(ue - c) <= _LINE_SAMPLED_EV) >= _LINE_SAMPLED
+                                for c in self.edges))
+            if refit or r >= len(hyper) or (hyper[r][0] is not None) != use_line:
+                if use_line:
+                    line, mix = line_mixture(gp, ue, yr, nv, self.edges, self.step_width)
+                else:
+                    line, mix = None, hyper_mixture(gp, ue, yr, nv)
             else:
-                mix = hyper[r]
+                line, mix = hyper[r]
             # Posterior averaged over the hyperparameter mixture (mean and law of total
             # covariance); the GP is left at the heaviest term for reporting.
             mean = np.zeros(self.grid.size)
             second = np.zeros((self.grid.size, self.grid.size))
+            y_mean, y_scale = float(np.mean(yr)), float(np.std(yr)) or 1.0
+            if line is not None:
+                h = line_basis(ue, self.edges, *line, self.step_width)
+                hg = line_basis(self.grid, self.edges, *line, self.step_width)
             for warp, length, amp, wt in reversed(mix):
                 gp.warp, gp.length, gp.amplitude = warp, length, amp
-                gp.y_mean, gp.y_scale = float(np.mean(yr)), float(np.std(yr)) or 1.0
-                gp.condition(ue, yr, nv)
-                m_i, kgg, v = gp.posterior(self.grid)
+                gp.y_mean, gp.y_scale = y_mean, y_scale
+                if line is not None:
+                    m_i, cov_i = _basis_posterior(gp, ue, yr, nv, h, hg, self.grid, warp,
+                                                  length, amp, y_scale)
+                else:
+                    gp.condition(ue, yr, nv)
+                    m_i, kgg, v = gp.posterior(self.grid)
+                    cov_i = kgg - v.T @ v
                 mean += wt * m_i
-                second += wt * (kgg - v.T @ v + np.outer(m_i, m_i))
+                second += wt * (cov_i + np.outer(m_i, m_i))
             cov = second - np.outer(mean, mean)
             gps.append(gp)
             means.append(mean)
-            mixtures.append(mix)
+            mixtures.append((line, mix))
             cov_w.append({key: cov @ w for key, w in weights.items()})
             var_grid.append(np.maximum(np.diag(cov), 0.0))
         self._hyper[name] = mixtures
@@ -702,6 +900,8 @@ class AdaptiveStack:
         cost's dwell). Longer dwell pays where the pixels' m_orb amplitudes gain most
         per second (the dichroic white lines); the shared shapes, pooled over all pixels,
         gain nothing from it, so exploring energies stays at the short dwell.
+    line_prior
+        Shapes as generic edge physics plus a GP remainder (see :class:`StackModel`).
     """
 
     e_min: float
@@ -719,6 +919,7 @@ class AdaptiveStack:
     edge_tolerance: float = 0.3
     min_adaptive: int = 4
     dwell_factors: tuple[float, ...] = (1.0,)
+    line_prior: bool = True
 
     def __post_init__(self) -> None:
         factors = tuple(float(f) for f in self.dwell_factors)
@@ -734,7 +935,8 @@ class AdaptiveStack:
             raise SmartbeamInputError(f"max_energies={self.max_energies!r}: expected at least "
                                       f"the initial design of {self.n_init} energies")
         self.model = StackModel(self.e_min, self.e_max, self.n_h, edges=self.edges,
-                                rank=self.rank, n_grid=self.n_grid)
+                                rank=self.rank, n_grid=self.n_grid,
+                                line_prior=self.line_prior)
         self._e: list[float] = []
         self._dwell: list[float] = []
         self._od: list[tuple[np.ndarray, ...]] = []
@@ -871,6 +1073,12 @@ class AdaptiveStack:
             if score[i] > best[0]:
                 best = (float(score[i]), float(self.model.grid[i]), f)
         acq, energy, factor = best
+        # A measured energy within half a grid step is the same energy at the grid's
+        # resolution: image it again rather than a new energy beside it.
+        e_done = np.unique(np.array(self._e))
+        near = np.abs(e_done - energy)
+        if near.size and near.min() <= 0.5 * (self.model.grid[1] - self.model.grid[0]):
+            energy = float(e_done[int(np.argmin(near))])
         if gaps:
             here = self.e_min if current_energy is None else current_energy
             energy = min(gaps, key=lambda v: abs(v - here))

@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dwell-factors", type=float, nargs="+", default=[1.0, 2.0, 4.0],
                         help="relative dwells the adaptive stack may choose per energy "
                              "(default 1 2 4; 1 alone: fixed dwell)")
+    parser.add_argument("--no-line-prior", action="store_true",
+                        help="zero-mean shape GPs (the previous model) instead of the "
+                             "edge-physics prior mean")
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
 
@@ -67,8 +70,14 @@ def _raw_sum_rule_m_orb(energy: np.ndarray, odp: np.ndarray, odm: np.ndarray,
     return m.reshape(odp.shape[1:])
 
 
+def _coverage(m: np.ndarray, sd: np.ndarray, truth: np.ndarray) -> float:
+    """Fraction of pixels whose truth lies within +-1 stated sd (68 % if calibrated)."""
+    ok = np.isfinite(m) & np.isfinite(sd)
+    return float(np.mean(np.abs(m[ok] - truth[ok]) <= sd[ok]))
+
+
 def _moments_part(n: int, n_conv: int, dwell: float, rng: np.random.Generator,
-                  dwell_factors: tuple[float, ...]) -> dict:
+                  dwell_factors: tuple[float, ...], line_prior: bool = True) -> dict:
     from sim_devices.physics.stxm import STXMSample
     from sim_devices.physics.xmcd import XMCDSample, preset
 
@@ -88,7 +97,8 @@ def _moments_part(n: int, n_conv: int, dwell: float, rng: np.random.Generator,
     imgs = [pair(e) for e in tqdm(grid, desc="conventional stack", leave=False)]
     odp, vp = optical_density(np.array([i[0] for i in imgs]))
     odm, vm = optical_density(np.array([i[1] for i in imgs]))
-    conv = StackModel(e_min, e_max, n_h, edges=edges).fit(grid, odp, odm, vp, vm).moments()
+    conv = StackModel(e_min, e_max, n_h, edges=edges, line_prior=line_prior).fit(
+        grid, odp, odm, vp, vm).moments()
     # Two readings of "the conventional stack's error": analysed with the same shared-shape
     # model as the adaptive stack, and by plain per-pixel sum rules of the raw spectra.
     conv_rmse = _rmse(conv.m_orb, truth)
@@ -97,7 +107,7 @@ def _moments_part(n: int, n_conv: int, dwell: float, rng: np.random.Generator,
         grid, np.concatenate([[None], grid[:-1]]), strict=True)))
 
     ad = AdaptiveStack(e_min, e_max, n_h, cost, tol=1e-6, max_energies=n_conv, n_init=10,
-                       edges=edges, dwell_factors=dwell_factors)
+                       edges=edges, dwell_factors=dwell_factors, line_prior=line_prior)
     beam, cur, history = 0.0, None, []
     reached: dict[str, dict | None] = {"model": None, "raw": None, "stated_sd": None}
     for e in ad.initial_design():
@@ -107,9 +117,11 @@ def _moments_part(n: int, n_conv: int, dwell: float, rng: np.random.Generator,
     bar = tqdm(total=n_conv, desc="adaptive stack", leave=False, initial=ad.n_energies)
     while True:
         dec = ad.ask(cur)
-        err = _rmse(ad.model.moments().m_orb, truth)
+        mom = ad.model.moments()
+        err = _rmse(mom.m_orb, truth)
         row = {"pairs": ad.n_energies, "energies": ad.n_distinct, "rmse": err,
-               "rms_sd": dec.rms_sd, "beamtime_ratio": beam / conv_time}
+               "rms_sd": dec.rms_sd, "coverage_1sd": _coverage(mom.m_orb, mom.m_orb_sd, truth),
+               "beamtime_ratio": beam / conv_time}
         history.append(row)
         # "stated_sd": the first point at which the adaptive stack's own posterior sd is
         # <= the conventional stack's (a stop it could make without the truth).
@@ -139,6 +151,7 @@ def _moments_part(n: int, n_conv: int, dwell: float, rng: np.random.Generator,
         "adaptive_best_rmse": min(h["rmse"] for h in history),
         "adaptive_pairs_spent": ad.n_energies,
         "conventional_rms_sd": conv.rms_sd,
+        "conventional_coverage_1sd": _coverage(conv.m_orb, conv.m_orb_sd, truth),
         "conventional_rank": list(conv.rank),
         "adaptive_history": history[:: max(1, len(history) // 15)],
         "field_pixels": [n, n], "dwell_s": dwell,
@@ -243,7 +256,9 @@ def run(args: argparse.Namespace) -> dict:
     # The energy count at which one adaptive run first matches the conventional error is
     # a noisy figure: report the median over seeds.
     factors = tuple(getattr(args, "dwell_factors", (1.0, 2.0, 4.0)))
-    runs = [_moments_part(n, n_conv, args.dwell, np.random.default_rng(args.seed + i), factors)
+    line_prior = not bool(getattr(args, "no_line_prior", False))
+    runs = [_moments_part(n, n_conv, args.dwell, np.random.default_rng(args.seed + i), factors,
+                          line_prior)
             for i in tqdm(range(repeats), desc="noise seeds", leave=False)]
     out = dict(runs[0])
 
@@ -273,6 +288,16 @@ def run(args: argparse.Namespace) -> dict:
     out["energy_fraction_per_seed"] = [
         (r["energies_adaptive"] or n_conv) / n_conv for r in runs]
     out["dwell_factors"] = list(factors)
+    out["line_prior"] = line_prior
+    # Calibration of the stated sd: fraction of pixels whose truth is within +-1 sd
+    # (0.68 if calibrated), where the adaptive stack first matched the conventional error
+    # and for the conventional stack itself.
+    out["coverage_1sd"] = {
+        "adaptive_at_match": [r["reached"]["model"]["coverage_1sd"]
+                              if r["reached"]["model"] else None for r in runs],
+        "adaptive_at_stated_sd": [r["reached"]["stated_sd"]["coverage_1sd"]
+                                  if r["reached"]["stated_sd"] else None for r in runs],
+        "conventional": [r["conventional_coverage_1sd"] for r in runs]}
     out["per_seed"] = [{"seed": args.seed + i, "energies_adaptive": r["energies_adaptive"],
                         "image_pairs_adaptive": r["image_pairs_adaptive"],
                         "beamtime_ratio": r["beamtime_ratio"],
