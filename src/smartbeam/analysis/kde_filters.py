@@ -225,6 +225,21 @@ class PolarGrid:
                            minlength=self.n_r * self.n_phi).reshape(
                                self.n_r, self.n_phi).astype(np.float32)
 
+    def sorted_pixels(self) -> tuple[np.ndarray, np.ndarray]:
+        """Valid pixels sorted by polar cell, and where each cell's run starts (cached).
+
+        Returns
+        -------
+        pix, starts
+            Flat pixel indices; cell ``c`` holds ``pix[starts[c]:starts[c + 1]]``.
+        """
+        if "sorted" not in self._cache:
+            order = np.argsort(self._valid_cell, kind="stable")
+            starts = np.searchsorted(self._valid_cell[order],
+                                     np.arange(self.n_r * self.n_phi + 1))
+            self._cache["sorted"] = (self._valid_flat[order], starts.astype(np.int64))
+        return self._cache["sorted"]
+
     def to_pixels(self, cells: np.ndarray) -> np.ndarray:
         """Per-pixel map of cell values (0 outside the mask), float32."""
         out = np.zeros(self.mask.shape, np.float32)

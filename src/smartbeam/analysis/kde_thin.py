@@ -1,0 +1,191 @@
+"""Binomial thinning of a counts frame into two halves, fused with the polar binning.
+
+The cross-validation of :func:`smartbeam.analysis.kde.select_bandwidths` needs, for each
+random halving ``A + B = X`` (``A ~ Binomial(X, 1/2)``), both halves as float32 frames that
+are zero outside the mask (for the isotropic kernels) and summed over the polar cells (for
+the ring kernels). :func:`thin_masked` draws both halves in one pass over the frame, :func:`bin_cells` sums a
+half over the polar cells in one pass in cell order.
+
+numba is used (it is a dependency of the stack, see :mod:`.kde_stream`) because numpy needs
+~10 passes over the frame for the thinning alone plus a scattered ``bincount`` per half
+(~40 ms at 1024^2 on one core); the fused loop reads the frame once. The random bits come
+from a counter-based SplitMix64 stream keyed by a seed drawn from the caller's generator, so
+results are reproducible from that generator. Without numba the numpy path of
+:func:`smartbeam.analysis.kde.thin` is used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["bin_cells", "thin_masked"]
+
+_kernel = None  # the compiled kernel; False when numba is unavailable
+
+
+def _compiled():
+    global _kernel
+    if _kernel is None:
+        try:
+            import numba
+        except ImportError:  # pragma: no cover - numba comes with the pinned stack
+            _kernel = False
+            return None
+
+        m1 = np.uint64(0x5555555555555555)
+        m2 = np.uint64(0x3333333333333333)
+        m4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+        h01 = np.uint64(0x0101010101010101)
+
+        @numba.njit(nogil=True, cache=True, inline="always")
+        def popcount(v):  # pragma: no cover - runs compiled
+            v = v - ((v >> np.uint64(1)) & m1)
+            v = (v & m2) + ((v >> np.uint64(2)) & m2)
+            v = (v + (v >> np.uint64(4))) & m4
+            return np.int64((v * h01) >> np.uint64(56))
+
+        @numba.njit(nogil=True, cache=True, inline="always")
+        def splitmix(z):  # pragma: no cover - runs compiled
+            z = z + np.uint64(0x9E3779B97F4A7C15)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            return z ^ (z >> np.uint64(31))
+
+        @numba.njit(nogil=True, cache=True)
+        def thin_pass(x, keep, key, a_out, b_out):  # pragma: no cover - runs compiled
+            # A ~ Binomial(x, 1/2) as the number of set bits among x random bits (exact
+            # for x <= 63); branch-free so that the loop stays fast. Returns how many
+            # pixels hold more than 63 counts (thinned afterwards by thin_big).
+            xf = x.reshape(-1)
+            kf = keep.reshape(-1)
+            af = a_out.reshape(-1)
+            bf = b_out.reshape(-1)
+            big = 0
+            for i in range(xf.size):
+                n = np.int64(xf[i]) * np.int64(kf[i])
+                big += n > 63
+                nn = min(n, np.int64(63))
+                bits = splitmix(key + np.uint64(i)) & ((np.uint64(1) << np.uint64(nn))
+                                                       - np.uint64(1))
+                a = popcount(bits)
+                af[i] = a
+                bf[i] = n - a
+            return big
+
+        @numba.njit(nogil=True, cache=True)
+        def thin_big(x, keep, key, a_out, b_out):  # pragma: no cover - runs compiled
+            # pixels above 63 counts: 64 bits per word of the same counter stream up to
+            # 4096 counts, numba's binomial (seeded from the key) beyond
+            np.random.seed(np.int64(key & np.uint64(0x7FFFFFFF)))
+            xf = x.reshape(-1)
+            kf = keep.reshape(-1)
+            af = a_out.reshape(-1)
+            bf = b_out.reshape(-1)
+            for i in range(xf.size):
+                n = np.int64(xf[i]) * np.int64(kf[i])
+                if n <= 63:
+                    continue
+                if n <= 4096:
+                    a = np.int64(0)
+                    ctr = splitmix(key ^ np.uint64(i))
+                    left = n
+                    while left > 0:
+                        ctr += np.uint64(0x632BE59BD9B4E019)
+                        bits = splitmix(ctr)
+                        if left < 64:
+                            bits &= (np.uint64(1) << np.uint64(left)) - np.uint64(1)
+                        a += popcount(bits)
+                        left -= 64
+                else:
+                    a = np.int64(np.random.binomial(n, 0.5))
+                af[i] = a
+                bf[i] = n - a
+
+        @numba.njit(nogil=True, cache=True)
+        def bin_sorted(frame, pix, starts, out):  # pragma: no cover - runs compiled
+            # cell c sums frame at pix[starts[c]:starts[c + 1]] (pixels sorted by cell):
+            # sequential writes, gathered reads
+            ff = frame.reshape(-1)
+            for c in range(out.size):
+                acc = np.float32(0.0)
+                for k in range(starts[c], starts[c + 1]):
+                    acc += ff[pix[k]]
+                out[c] = acc
+
+        def thin_bin(x, keep, key, a_out, b_out):
+            if thin_pass(x, keep, key, a_out, b_out):
+                thin_big(x, keep, key, a_out, b_out)
+
+        _kernel = (thin_bin, bin_sorted)
+    return _kernel or None
+
+
+def thin_masked(counts: np.ndarray, geometry, rng: np.random.Generator,
+                out: tuple[np.ndarray, np.ndarray] | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Split counts into two independent Poisson halves, as masked float32 frames.
+
+    ``A ~ Binomial(X, 1/2)`` and ``B = X - A`` per valid pixel (exact: the number of set
+    bits among ``X`` random bits; numba's binomial above 4096 counts).
+
+    Parameters
+    ----------
+    counts
+        Integer (or integral float) counts, non-negative, of the detector's shape.
+    geometry
+        :class:`smartbeam.analysis.kde.Geometry` of the detector.
+    rng
+        Generator the thinning draws from (one 64-bit key per call).
+    out
+        Two float32 frames of the detector's shape to write the halves into.
+
+    Returns
+    -------
+    a, b
+        float32 halves, 0 outside the mask.
+    """
+    kern = _compiled()
+    if out is None:
+        out = (np.empty(geometry.shape, np.float32), np.empty(geometry.shape, np.float32))
+    a32, b32 = out
+    if kern is None:  # pragma: no cover - numba comes with the pinned stack
+        from .kde import thin
+
+        a, b = thin(counts, rng)
+        np.multiply(a, geometry.mask, out=a32, casting="unsafe")
+        np.multiply(b, geometry.mask, out=b32, casting="unsafe")
+        return a32, b32
+    x = np.asarray(counts)
+    if x.dtype.kind == "f":
+        x = np.rint(x).astype(np.int64)
+    key = np.uint64(rng.integers(0, 2**63, dtype=np.int64))
+    kern[0](np.ascontiguousarray(x), geometry.mask_u8, key, a32, b32)
+    return a32, b32
+
+
+def bin_cells(frame: np.ndarray, polar) -> np.ndarray:
+    """Sum of a float32 frame (zero outside the mask) over each polar cell.
+
+    Same result as :meth:`smartbeam.analysis.kde_filters.PolarGrid.to_cells` (float32
+    sums instead of float64 ones); one pass in cell order, with the pixels pre-sorted by
+    cell, instead of a scattered ``bincount`` into a float64 grid (~4x faster at 1024^2).
+
+    Parameters
+    ----------
+    frame
+        float32 frame of the detector's shape.
+    polar
+        :class:`smartbeam.analysis.kde_filters.PolarGrid` of the detector.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(n_r, n_phi)``.
+    """
+    kern = _compiled()
+    if kern is None:  # pragma: no cover - numba comes with the pinned stack
+        return polar.to_cells(frame)
+    pix, starts = polar.sorted_pixels()
+    out = np.empty((polar.n_r, polar.n_phi), np.float32)
+    kern[1](np.ascontiguousarray(frame, np.float32), pix, starts, out.reshape(-1))
+    return out
