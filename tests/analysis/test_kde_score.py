@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from smartbeam.analysis.kde import Geometry, Kernel, select_bandwidths, smooth
-from smartbeam.analysis.kde_score import RowScorer
+from smartbeam.analysis.kde_filters import ring_gaussian
+from smartbeam.analysis.kde_score import RowScorer, cv_band_sums
 from smartbeam.errors import SmartbeamInputError
 
 
@@ -45,16 +46,52 @@ def test_row_values_equal_full_frame_smoothing(first_row, last_row):
     for s, v in zip(sigmas, sc.iso(h, sigmas), strict=True):
         ref, _ = smooth(x, g, Kernel.iso(s))
         np.testing.assert_allclose(v, ref.ravel()[idx], rtol=2e-5, atol=2e-5)
-    cells = g.polar.to_cells(h)
-    for sr in (0.0, 8.0, 60.0):
-        grid = cells if sr == 0 else g.polar.filter_ring(np.fft.rfft(cells, axis=1), sr)
+    # ring kernels on the scorer's own polar grid: exact where the grid is kept whole,
+    # interpolated along the ring where it is sampled coarser (wide sigma_ring)
+    cells = sc.polar.to_cells(h)
+    spec = np.fft.rfft(cells, axis=1)
+    reduced = 0
+    for sr in (0.0, 3.0, 8.0, 60.0):
         qs = [0.0, 1.0, 4.0]
-        prepared = sc.prepare_ring(grid.astype(np.float32), 20)
-        for q, v in zip(qs, sc.ring(prepared, sr, qs), strict=True):
-            ref, _ = smooth(x, g, Kernel.ring(q, sr))
-            np.testing.assert_allclose(v, ref.ravel()[idx], rtol=2e-4, atol=2e-4)
+        grid = sc.ring_grid(spec, cells, sr, pad=20)
+        reduced += grid.n_out < sc.polar.n_phi
+        for q, v in zip(qs, sc.ring_at(grid, qs), strict=True):
+            ref = ring_gaussian(x, sc.polar, q, sr)[0].ravel()[idx]
+            if grid.n_out == sc.polar.n_phi:
+                np.testing.assert_allclose(v, ref, rtol=2e-4, atol=2e-4)
+            else:
+                # linear interpolation at h = sigma_ring / 5 px of arc attenuates a
+                # harmonic of the filtered ring by at most 0.09 (h / sigma)^2 < 4e-3 of it
+                assert _rel_rms(v, ref) < 4e-3
+                np.testing.assert_allclose(v, ref, rtol=1e-2, atol=1e-2)
+    assert reduced >= 1  # wide sigma_ring: the reduced sampling ran (sigma_ring = 0: whole)
+    narrow = sc.ring_grid(spec, cells, 8.0, pad=2)
+    sc.ring_at(narrow, [1.0])  # windows gathered 4 cells wide (sigma_q = 1)
     with pytest.raises(SmartbeamInputError, match="radius"):
-        sc.ring(sc.prepare_ring(cells, 2), 0.0, [4.0])
+        sc.ring_at(narrow, [4.0])
+
+
+def _rel_rms(v, ref):
+    return float(np.sqrt(np.mean((v - ref) ** 2) / np.mean(ref ** 2)))
+
+
+def test_scored_ring_values_close_to_the_emitted_smoothing():
+    # the scoring grid (~2 px of arc at the corner) against the emitted one (~1 px)
+    g = _geometry(n=300, centre=(140.2, 160.7))
+    yy, xx = np.mgrid[0:300, 0:300]
+    r = np.hypot(xx - 140.2, yy - 160.7)
+    mu = 40 * np.exp(-r / 60) * (1 + 0.5 * np.cos(r / 3)) + 0.5
+    x = np.random.default_rng(2).poisson(mu)
+    sc = g.row_scorer(20000)
+    assert sc.polar.n_phi < g.polar.n_phi
+    h = g.masked32(x)
+    cells = sc.polar.to_cells(h)
+    spec = np.fft.rfft(cells, axis=1)
+    for sr, tol in ((3.0, 0.02), (8.0, 0.005), (20.0, 0.003), (60.0, 0.003)):
+        grid = sc.ring_grid(spec, cells, sr, pad=16)
+        for q, v in zip((1.0, 4.0), sc.ring_at(grid, [1.0, 4.0]), strict=True):
+            emitted = smooth(x, g, Kernel.ring(q, sr))[0].ravel()[sc.idx]
+            assert _rel_rms(v, emitted) < tol, (sr, q)
 
 
 def test_row_scored_selection_never_worse_than_raw_and_finds_rings():
@@ -73,3 +110,19 @@ def test_row_scored_selection_never_worse_than_raw_and_finds_rings():
     assert np.all(chosen <= sel.cv_score[none])
     # sharp rings of ~19 px period: the bright inner bands are smoothed along the ring
     assert any(k.kind == "ring" for k in sel.kernels[:4])
+
+
+def test_cv_band_sums_match_the_numpy_formula():
+    rng = np.random.default_rng(3)
+    n, m, nb = 3, 500, 4
+    ea, eb = rng.random((n, m)).astype(np.float32), rng.random((n, m)).astype(np.float32)
+    ra, rb, noise, weight = (rng.random(m) for _ in range(4))
+    ok = rng.random(m) > 0.2
+    band = rng.integers(0, nb, m)
+    got = cv_band_sums(ea, eb, ra, rb, noise, weight, ok, band, nb)
+    a, b = np.where(ok, ea, 0.0), np.where(ok, eb, 0.0)
+    err = 0.5 * ((a - rb) ** 2 + (b - ra) ** 2)
+    d2 = 0.5 * (a - b) ** 2
+    for t, term in enumerate((err * weight, err - noise, d2, d2 * weight)):
+        want = np.stack([np.bincount(band[ok], weights=row[ok], minlength=nb) for row in term])
+        np.testing.assert_allclose(got[t], want, rtol=1e-5)

@@ -30,7 +30,7 @@ from .kde_filters import (
     masked_gaussian,
     ring_gaussian,
 )
-from .kde_score import RowScorer
+from .kde_score import RowScorer, cv_band_sums
 from .kde_thin import bin_cells, thin_masked
 
 __all__ = [
@@ -208,6 +208,7 @@ class Geometry:
         self._scratch: dict[int, np.ndarray] = {}
         self._mask_weight: dict[float, np.ndarray] = {}
         self._regions: dict[tuple, list] = {}
+        self._score_polar: PolarGrid | None = None
         masked_flat = np.flatnonzero(~mask)
         self._masked_flat = masked_flat if masked_flat.size < mask.size // 4 else None
 
@@ -298,7 +299,7 @@ class Geometry:
         if key not in self._score_index:
             rows, idx = self.score_rows(max_pixels)
             idx = idx[np.argsort(self.band.ravel()[idx], kind="stable")]
-            self._score_index[key] = RowScorer(self, rows, idx)
+            self._score_index[key] = RowScorer(self, rows, idx, self.score_polar)
         return self._score_index[key]
 
     def masked32(self, frame: np.ndarray, slot: int | None = None) -> np.ndarray:
@@ -319,6 +320,21 @@ class Geometry:
         np.copyto(buf, frame, casting="unsafe")
         buf.reshape(-1)[self._masked_flat] = 0.0
         return buf
+
+    @property
+    def score_polar(self) -> PolarGrid:
+        """Polar grid of the ring kernels in the cross-validation of large detectors.
+
+        ~2 px of arc at the outermost pixel (``geometry.polar`` has ~1 px): half the cells
+        to bin, transform and filter per candidate. The smallest ring bandwidth of the
+        default candidates (3 px of arc) is widened by ~2 % at the detector corner, less
+        inside; the emitted smoothing keeps ``geometry.polar``. Built on first use.
+        """
+        if self._score_polar is None:
+            n_phi = sfft.next_fast_len(int(np.ceil(np.pi * self.r.max())), real=True)
+            self._score_polar = (self.polar if n_phi >= self.polar.n_phi
+                                 else PolarGrid(self.mask, self.centre, n_phi=n_phi))
+        return self._score_polar
 
     def scratch(self, slot: int) -> np.ndarray:
         """A float32 work frame kept by the geometry (see :meth:`masked32`)."""
@@ -819,7 +835,8 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         """Polar cells of half ``j`` filtered along the ring (cached per search)."""
         cells, spectra = sp["cells"], sp["spectra"]
         if cells[j] is None:
-            cells[j] = bin_cells(sp["h32"][j], polar)
+            cells[0], cells[1] = bin_cells(*sp["h32"], polar if scorer is None
+                                           else scorer.polar)
         key = (j, sigma_ring)
         if key not in sp["ring_done"]:
             # keep ring-filtered grids (or the row scorer's windows of them, smaller) for
@@ -880,21 +897,6 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
                     vals[c] = ring_values(sp, j, candidates[c])
         return vals
 
-    # band sums as segment sums over the bins sorted by band (a sparse one-hot product
-    # copied the Fortran-ordered terms first: ~10 ms per block at 1024^2)
-    by_band = np.argsort(band_of, kind="stable")
-    band_starts = np.searchsorted(band_of[by_band], np.arange(n_bands))
-    has_bins = np.bincount(band_of, minlength=n_bands) > 0
-
-    presorted = bool(np.all(by_band == np.arange(by_band.size)))
-
-    def band_sums(terms: np.ndarray) -> np.ndarray:
-        out_ = np.zeros((terms.shape[0], n_bands))
-        if by_band.size:
-            starts = band_starts[has_bins]
-            out_[:, has_bins] = np.add.reduceat(terms if presorted else terms[:, by_band],
-                                                starts, axis=1)
-        return out_
     # candidates per block: bounds the memory of the stacked values (~4M bins per block)
     block = max(1, 4_000_000 // max(band_of.size, 1))
 
@@ -903,24 +905,20 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         for start in range(0, len(todo), block):
             part = todo[start:start + block]
             rows_ = np.array(part)
-            n = len(part)
             for sp in splits:
                 raw, noise = sp["raw"], sp["noise"]
                 both = [half_values(sp, j, part) for j in (0, 1)]
-                est = [np.where(ok, np.stack([both[j][c] for c in part]).astype(np.float64),
-                                0.0) for j in (0, 1)]
-                # two-fold CV: each smoothed half scored against the other raw half
-                err = 0.5 * ((est[0] - raw[1]) ** 2 + (est[1] - raw[0]) ** 2)
-                # E (est_A - est_B)^2 / 2 = Var(est) of one half (A, B independent)
-                d2 = 0.5 * (est[0] - est[1]) ** 2
-                # mse: unbiased for E(est - mu/2)^2 (the raw half's Poisson variance
-                # subtracted)
-                terms = np.concatenate([err * weight, err - noise, d2, d2 * weight])
-                sums = band_sums(terms)
-                score[rows_] += sums[:n]
-                mse[rows_] += sums[n:2 * n]
-                var[rows_] += sums[2 * n:3 * n]
-                var_w[rows_] += sums[3 * n:]
+                est = [np.stack([both[j][c] for c in part]) for j in (0, 1)]
+                # two-fold CV: each smoothed half scored against the other raw half;
+                # E (est_A - est_B)^2 / 2 = Var(est) of one half (A, B independent); the
+                # mse term is unbiased for E(est - mu/2)^2 (the raw half's Poisson
+                # variance subtracted)
+                sums = cv_band_sums(est[0], est[1], raw[0], raw[1], noise, weight, ok,
+                                    band_of, n_bands)
+                score[rows_] += sums[0]
+                mse[rows_] += sums[1]
+                var[rows_] += sums[2]
+                var_w[rows_] += sums[3]
 
     if search == "full":
         evaluate(range(len(candidates)))

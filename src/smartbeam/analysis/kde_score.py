@@ -5,11 +5,17 @@ detector rows, see :meth:`smartbeam.analysis.kde.Geometry.score_rows`). A separa
 evaluated on K rows needs its vertical pass on those K rows only (a gather of the rows
 within the kernel radius and one matrix product for every sigma at once) and its
 horizontal pass on K rows: O(K * nx * radius) instead of a full-frame convolution per
-candidate. Ring kernels are filtered along the ring on the polar grid (FFT per ring, as in
-:class:`~smartbeam.analysis.kde_filters.PolarGrid`) and along q at the scored cells only.
+candidate. The isotropic values equal those of the full-frame filters at the scored pixels
+(same truncated kernels, zero borders and mask normalisers), to float32 rounding.
 
-The values equal those of the full-frame filters (same truncated kernels, same zero
-borders, same cached mask normalisers) at the scored pixels, to float32 rounding.
+Ring kernels are evaluated on a polar grid of their own (:attr:`RowScorer.polar`, by
+default :meth:`smartbeam.analysis.kde.Geometry.score_polar`: ~2 px of arc at the outermost
+pixel instead of ~1 px, half the cells), filtered along the ring only up to the harmonics
+the kernel keeps and sampled at ~sigma_ring / 5 px of arc (:meth:`RowScorer.ring_grid`),
+then along q at the scored cells only (:meth:`RowScorer.ring_at`). They approximate the
+emitted smoothing (:func:`smartbeam.analysis.kde.apply_kernels`, 1 px-of-arc grid) to a
+few 0.1 % of the smoothed value; the coarser cells widen the narrowest ring kernel
+(sigma_ring = 3 px) by ~2 % at the detector corner (tests measure both).
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 import scipy.fft as sfft
-from numpy.lib.stride_tricks import sliding_window_view
 
 from smartbeam.errors import SmartbeamInputError
 
@@ -28,8 +33,9 @@ from .kde_filters import gaussian_kernel_1d
 
 if TYPE_CHECKING:  # pragma: no cover
     from .kde import Geometry
+    from .kde_filters import PolarGrid
 
-__all__ = ["RingGrid", "RowScorer"]
+__all__ = ["RingGrid", "RowScorer", "cv_band_sums"]
 
 _ONE = np.ones(1, np.float32)
 # ring spectra are cut where the Gaussian's transfer function falls below exp(-TAIL^2/2)
@@ -79,6 +85,111 @@ def _gather_windows():
     return _windows_kernel
 
 
+_vert_kernel = None
+
+
+def _vertical():
+    """numba kernel: vertical Gaussian passes at the scored detector rows (compiled once).
+
+    ``out[i, k] = sum_d w[i, d] * frame[rows[k] + d - rad]`` over the taps of kernel ``i``
+    (zero beyond the detector). Reads the frame rows in place: the gathered
+    ``(2 rad + 1, K, nx)`` block and matrix product it replaces copied ~20 MB per call
+    at 1024^2 and spent the widest kernel's taps on every sigma.
+    """
+    global _vert_kernel
+    if _vert_kernel is None:
+        import numba
+
+        @numba.njit(nogil=True, cache=True)
+        def vert(frame, rows, w, rads, out):  # pragma: no cover - runs compiled
+            ny, nx = frame.shape
+            big = (w.shape[1] - 1) // 2
+            for i in range(w.shape[0]):
+                r = rads[i]
+                for k in range(rows.size):
+                    o = out[i, k]
+                    o[:] = 0.0
+                    for d in range(-r, r + 1):
+                        y = rows[k] + d
+                        if y < 0 or y >= ny:
+                            continue
+                        wt = w[i, big + d]
+                        src = frame[y]
+                        for x in range(nx):
+                            o[x] += wt * src[x]
+
+        _vert_kernel = vert
+    return _vert_kernel
+
+
+_cv_kernel = None
+
+
+def cv_band_sums(est_a: np.ndarray, est_b: np.ndarray, raw_a: np.ndarray, raw_b: np.ndarray,
+                 noise: np.ndarray, weight: np.ndarray, ok: np.ndarray, band_of: np.ndarray,
+                 n_bands: int) -> np.ndarray:
+    """Per-band sums of the two-fold cross-validation terms of a block of candidates.
+
+    For candidate ``c`` and scored bin ``p`` (skipped unless ``ok[p]``), with
+    ``err = ((est_a - raw_b)^2 + (est_b - raw_a)^2) / 2`` and
+    ``d2 = (est_a - est_b)^2 / 2``, the terms are ``err * weight`` (chi^2 score),
+    ``err - noise`` (unweighted MSE), ``d2`` (variance) and ``d2 * weight``.
+
+    Parameters
+    ----------
+    est_a, est_b
+        ``(n_candidates, n_bins)`` values smoothed from half A and from half B.
+    raw_a, raw_b
+        ``(n_bins,)`` raw halves.
+    noise, weight
+        ``(n_bins,)`` Poisson variance of a raw half and chi^2 weight.
+    ok
+        ``(n_bins,)`` bool, bins that count.
+    band_of
+        ``(n_bins,)`` radial band of each bin.
+    n_bands
+        Number of bands.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(4, n_candidates, n_bands)``: score, mse, variance, chi^2 variance.
+
+    Notes
+    -----
+    One numba pass instead of ~10 numpy temporaries of ``(n_candidates, n_bins)`` float64
+    (~15 ms per block at 1024^2).
+    """
+    global _cv_kernel
+    if _cv_kernel is None:
+        import numba
+
+        @numba.njit(nogil=True, cache=True)
+        def kern(ea, eb, ra, rb, noise, weight, ok, band_of, out):  # pragma: no cover
+            n, m = ea.shape
+            for c in range(n):
+                for p in range(m):
+                    if not ok[p]:
+                        continue
+                    a = np.float64(ea[c, p])
+                    b = np.float64(eb[c, p])
+                    err = 0.5 * ((a - rb[p]) ** 2 + (b - ra[p]) ** 2)
+                    d2 = 0.5 * (a - b) ** 2
+                    k = band_of[p]
+                    out[0, c, k] += err * weight[p]
+                    out[1, c, k] += err - noise[p]
+                    out[2, c, k] += d2
+                    out[3, c, k] += d2 * weight[p]
+
+        _cv_kernel = kern
+    out = np.zeros((4, est_a.shape[0], n_bands))
+    _cv_kernel(np.ascontiguousarray(est_a), np.ascontiguousarray(est_b),
+               np.ascontiguousarray(raw_a, np.float64), np.ascontiguousarray(raw_b, np.float64),
+               np.ascontiguousarray(noise, np.float64), np.ascontiguousarray(weight, np.float64),
+               np.ascontiguousarray(ok, np.bool_), np.ascontiguousarray(band_of, np.int64), out)
+    return out
+
+
 class RingGrid:
     """A polar grid filtered along the ring, sampled at ``n_out`` azimuths per row.
 
@@ -124,35 +235,33 @@ class RowScorer:
     rows
         Sorted detector row indices that hold the scored pixels.
     idx
-        Sorted flat indices of the scored (valid) pixels, all within ``rows``.
+        Flat indices of the scored (valid) pixels, all within ``rows`` (any order: the
+        values come back in this order).
+    polar
+        Polar grid of the ring kernels (default: ``geometry.polar``).
     """
 
-    def __init__(self, geometry: Geometry, rows: np.ndarray, idx: np.ndarray) -> None:
+    def __init__(self, geometry: Geometry, rows: np.ndarray, idx: np.ndarray,
+                 polar: PolarGrid | None = None) -> None:
         self.geometry = geometry
+        self.polar = geometry.polar if polar is None else polar
         self.rows = np.asarray(rows, np.int64)
         self.idx = np.asarray(idx, np.int64)
         ny, nx = geometry.shape
         y, x = np.divmod(self.idx, nx)
         # position of each scored pixel in the (K, nx) block of the scored rows
         self.loc = np.searchsorted(self.rows, y) * nx + x
-        polar = geometry.polar
-        cells = polar.cell.ravel()[self.idx]
-        rho, phi = np.divmod(cells, polar.n_phi)
-        # ring gathers walk the transposed polar grid in (phi, rho) order (cache-friendly),
-        # then the values are put back in the order of ``idx``
-        self._order = np.lexsort((rho, phi))
-        self._back = np.empty_like(self._order)
-        self._back[self._order] = np.arange(self._order.size)
-        self.cells = cells[self._order]
-        self.rho, self.phi = rho[self._order], phi[self._order]
-        self._inv_iso: dict[float, np.ndarray] = {}
-        self._inv_ring: dict[tuple[float, float], np.ndarray] = {}
-        # scored cells in radius-major order, for the reduced ring grids
+        cells = self.polar.cell.ravel()[self.idx]
+        rho, phi = np.divmod(cells, self.polar.n_phi)
+        # ring windows are gathered in radius-major order (neighbouring cells share most
+        # of their rows in cache), then the values are put back in the order of ``idx``
         rm = np.argsort(cells, kind="stable")
         self._cells_rm = cells[rm]
         self._rho_rm, self._phi_rm = rho[rm], phi[rm]
         self._back_rm = np.empty_like(rm)
         self._back_rm[rm] = np.arange(rm.size)
+        self._inv_iso: dict[float, np.ndarray] = {}
+        self._inv_ring: dict[tuple[float, float], np.ndarray] = {}
         self._interp: dict[int, tuple] = {}
 
     def iso(self, frame: np.ndarray, sigmas: Sequence[float]) -> list[np.ndarray]:
@@ -171,20 +280,17 @@ class RowScorer:
             float32 values at the scored pixels, one array per sigma.
         """
         g = self.geometry
-        ny = g.shape[0]
         filters = [g.iso_filter(s) for s in sigmas]
         if not filters:
             return []
         rad = max(f.radius for f in filters)
-        src = self.rows[None, :] + np.arange(-rad, rad + 1)[:, None]
-        gathered = frame[np.clip(src, 0, ny - 1)]  # (2 rad + 1, K, nx)
-        gathered[(src < 0) | (src >= ny)] = 0.0  # zero border, like the full-frame filter
         w = np.zeros((len(filters), 2 * rad + 1), np.float32)
         for i, f in enumerate(filters):
             w[i, rad - f.radius:rad + f.radius + 1] = f.k
-        # the vertical pass of every sigma at once: one matrix product
-        vert = (w @ gathered.reshape(2 * rad + 1, -1)).reshape((len(filters),)
-                                                                + gathered.shape[1:])
+        # the vertical pass on the scored rows only, each sigma with its own taps
+        vert = np.empty((len(filters), self.rows.size, g.shape[1]), np.float32)
+        _vertical()(np.ascontiguousarray(frame, np.float32), self.rows, w,
+                    np.array([f.radius for f in filters], np.int64), vert)
         out = []
         for i, f in enumerate(filters):
             h = cv2.sepFilter2D(vert[i], -1, f.k, _ONE, borderType=cv2.BORDER_CONSTANT)
@@ -195,64 +301,6 @@ class RowScorer:
         if sigma not in self._inv_iso:
             self._inv_iso[sigma] = self.geometry.iso_filter(sigma).inv_den.ravel()[self.idx]
         return self._inv_iso[sigma]
-
-    def prepare_ring(self, ring_filtered: np.ndarray, rad: int) -> np.ndarray:
-        """The cells along q around each scored cell of a ring-filtered polar grid.
-
-        Parameters
-        ----------
-        ring_filtered
-            ``(n_r, n_phi)`` polar cell sums filtered along the ring (or the raw sums).
-        rad
-            Largest q-kernel radius (cells) that :meth:`ring` will apply to them.
-
-        Returns
-        -------
-        numpy.ndarray
-            float32 ``(n_scored, 2 rad + 1)``: row ``s`` holds the cells ``rho_s - rad``
-            to ``rho_s + rad`` at the scored cell's azimuth (zero beyond the grid, the
-            border of the full-grid q filter), in the scorer's internal order.
-        """
-        # transposed (rho contiguous) and zero-padded along rho: each window is then one
-        # contiguous run of cells
-        grid_t = cv2.transpose(np.ascontiguousarray(ring_filtered, np.float32))
-        grid_t = cv2.copyMakeBorder(grid_t, 0, 0, rad, rad, cv2.BORDER_CONSTANT, value=0)
-        return sliding_window_view(grid_t, 2 * rad + 1, axis=1)[self.phi, self.rho]
-
-    def ring(self, windows: np.ndarray, sigma_ring: float, sigma_qs: Sequence[float]
-             ) -> list[np.ndarray]:
-        """Ring kernels at the scored pixels from a grid already filtered along the ring.
-
-        Parameters
-        ----------
-        windows
-            :meth:`prepare_ring` of the polar cell sums filtered along the ring with
-            ``sigma_ring`` (the raw cell sums for ``sigma_ring == 0``), with a radius at
-            least that of every q kernel asked for.
-        sigma_ring
-            The along-ring standard deviation used (selects the mask normaliser).
-        sigma_qs
-            Standard deviations along q (>= 0), px.
-
-        Returns
-        -------
-        list of numpy.ndarray
-            float32 values at the scored pixels, one array per ``sigma_q``.
-        """
-        if not len(sigma_qs):
-            return []
-        pad = (windows.shape[1] - 1) // 2
-        ks = [gaussian_kernel_1d(s).astype(np.float32) if s > 0 else _ONE for s in sigma_qs]
-        rad = max(k.size // 2 for k in ks)
-        if rad > pad:
-            raise SmartbeamInputError(f"q-kernel radius {rad} cells: expected at most the "
-                                      f"radius of the prepared windows ({pad})")
-        w = np.zeros((2 * pad + 1, len(ks)), np.float32)
-        for i, k in enumerate(ks):
-            w[pad - k.size // 2:pad + k.size // 2 + 1, i] = k
-        vals = (windows @ w).T
-        return [(vals[i] * self._ring_inv(float(s), float(sigma_ring)))[self._back]
-                for i, s in enumerate(sigma_qs)]
 
     def ring_grid(self, spectrum: np.ndarray | None, cells: np.ndarray, sigma_ring: float,
                   pad: int = 0) -> RingGrid:
@@ -280,7 +328,7 @@ class RowScorer:
         -------
         RingGrid
         """
-        polar = self.geometry.polar
+        polar = self.polar
         n_phi = polar.n_phi
         if sigma_ring <= 0:
             return RingGrid(np.ascontiguousarray(cells, np.float32), n_phi, 0.0, pad)
@@ -320,7 +368,12 @@ class RowScorer:
             return []
         ks = [gaussian_kernel_1d(s).astype(np.float32) if s > 0 else _ONE for s in sigma_qs]
         rad = max(k.size // 2 for k in ks)
-        if grid.windows is None or grid.windows.shape[1] < 2 * rad + 1:
+        if grid.windows is not None and grid.windows.shape[1] < 2 * rad + 1:
+            raise SmartbeamInputError(f"q-kernel radius {rad} cells: expected at most the "
+                                      f"radius of the gathered windows "
+                                      f"({(grid.windows.shape[1] - 1) // 2}, the pad given "
+                                      "to ring_grid)")
+        if grid.windows is None:
             i0, i1, f = self._interp_at(grid.n_out)
             win = np.empty((self.idx.size, 2 * max(rad, grid.pad) + 1), np.float32)
             _gather_windows()(np.ascontiguousarray(grid.values, np.float32), self._rho_rm,
@@ -331,12 +384,13 @@ class RowScorer:
         w = np.zeros((2 * pad + 1, len(ks)), np.float32)
         for i, k in enumerate(ks):
             w[pad - k.size // 2:pad + k.size // 2 + 1, i] = k
-        vals = (grid.windows @ w).T
+        # (nq, taps) @ (taps, n): a transposed BLAS product, rows contiguous per sigma_q
+        vals = np.ascontiguousarray(w.T) @ grid.windows.T
         out = []
         for i, s in enumerate(sigma_qs):
             key = (float(s), grid.sigma_ring, "rm")
             if key not in self._inv_ring:
-                inv = self.geometry.polar.inv_den(float(s), grid.sigma_ring)
+                inv = self.polar.inv_den(float(s), grid.sigma_ring)
                 self._inv_ring[key] = inv.ravel()[self._cells_rm]
             out.append((vals[i] * self._inv_ring[key])[self._back_rm])
         return out
@@ -344,7 +398,7 @@ class RowScorer:
     def _interp_at(self, n_out: int) -> tuple:
         """Columns and weight of the two samples around each scored cell's azimuth."""
         if n_out not in self._interp:
-            n_phi = self.geometry.polar.n_phi
+            n_phi = self.polar.n_phi
             phi = self._phi_rm
             if n_out == n_phi:
                 i0 = phi.astype(np.int64)
@@ -356,10 +410,3 @@ class RowScorer:
                 i0 %= n_out
                 self._interp[n_out] = (i0, (i0 + 1) % n_out, f)
         return self._interp[n_out]
-
-    def _ring_inv(self, sigma_q: float, sigma_ring: float) -> np.ndarray:
-        key = (sigma_q, sigma_ring)
-        if key not in self._inv_ring:
-            inv = self.geometry.polar.inv_den(sigma_q, sigma_ring)
-            self._inv_ring[key] = inv.ravel()[self.cells]
-        return self._inv_ring[key]
