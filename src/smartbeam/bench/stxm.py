@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="relative dwells the adaptive stack may choose per energy "
                              "(default 1 2 4; 1 alone: fixed dwell)")
     parser.add_argument("--no-line-prior", action="store_true",
-                        help="zero-mean shape GPs (the previous model) instead of the "
-                             "edge-physics prior mean")
+                        help="choose energies with the zero-mean shape GPs (the previous "
+                             "acquisition) instead of the edge-physics prior mean")
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
 
@@ -97,8 +97,7 @@ def _moments_part(n: int, n_conv: int, dwell: float, rng: np.random.Generator,
     imgs = [pair(e) for e in tqdm(grid, desc="conventional stack", leave=False)]
     odp, vp = optical_density(np.array([i[0] for i in imgs]))
     odm, vm = optical_density(np.array([i[1] for i in imgs]))
-    conv = StackModel(e_min, e_max, n_h, edges=edges, line_prior=line_prior).fit(
-        grid, odp, odm, vp, vm).moments()
+    conv = StackModel(e_min, e_max, n_h, edges=edges).fit(grid, odp, odm, vp, vm).moments()
     # Two readings of "the conventional stack's error": analysed with the same shared-shape
     # model as the adaptive stack, and by plain per-pixel sum rules of the raw spectra.
     conv_rmse = _rmse(conv.m_orb, truth)
