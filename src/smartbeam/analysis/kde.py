@@ -712,6 +712,10 @@ class _SearchPlan:
         return [self.at[q] for q in near if q in self.at]
 
 
+def _nbytes(v) -> int:
+    return sum(a.nbytes for a in v.values()) if isinstance(v, dict) else v.nbytes
+
+
 def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = "map",
                       candidates: Sequence[Kernel] = DEFAULT_CANDIDATES, n_splits: int = 1,
                       rng: np.random.Generator | int | None = None,
@@ -841,14 +845,19 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         if key not in sp["ring_done"]:
             # keep ring-filtered grids (or the row scorer's windows of them, smaller) for
             # later search stages while they fit in ~100 MB
-            held = sum(v.nbytes for v in sp["ring_done"].values())
+            held = sum(_nbytes(v) for v in sp["ring_done"].values())
             while sp["ring_done"] and held + cells[j].nbytes > 100e6:
-                held -= sp["ring_done"].pop(next(iter(sp["ring_done"]))).nbytes
+                held -= _nbytes(sp["ring_done"].pop(next(iter(sp["ring_done"]))))
             if sigma_ring > 0 and spectra[j] is None:
                 spectra[j] = sfft.rfft(cells[j], axis=1)
             if scorer is not None:
-                # at the azimuthal sampling the kernel needs (kde_score.RowScorer.ring_grid)
-                grid = scorer.ring_grid(spectra[j], cells[j], sigma_ring, ring_pad)
+                # every sigma_q of this sigma_ring at once, at the scored pixels (one
+                # gather of the q windows; later search stages only look them up)
+                qs = sorted({k.sigma_q for k in candidates
+                             if k.kind == "ring" and k.sigma_ring == sigma_ring})
+                grid = dict(zip(qs, scorer.ring_at(
+                    scorer.ring_grid(spectra[j], cells[j], sigma_ring, ring_pad), qs),
+                    strict=True))
             elif sigma_ring > 0:
                 grid = polar.filter_ring(spectra[j], sigma_ring)
             else:
@@ -890,8 +899,8 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
                 ring.setdefault(candidates[c].sigma_ring, []).append(c)
         for sr, cs in sorted(ring.items()):
             if scorer is not None:
-                out = scorer.ring_at(ring_grid(sp, j, sr), [candidates[c].sigma_q for c in cs])
-                vals.update(zip(cs, out, strict=True))
+                at = ring_grid(sp, j, sr)
+                vals.update((c, at[candidates[c].sigma_q]) for c in cs)
             else:
                 for c in cs:
                     vals[c] = ring_values(sp, j, candidates[c])

@@ -237,7 +237,9 @@ class PolarGrid:
             order = np.argsort(self._valid_cell, kind="stable")
             starts = np.searchsorted(self._valid_cell[order],
                                      np.arange(self.n_r * self.n_phi + 1))
-            self._cache["sorted"] = (self._valid_flat[order], starts.astype(np.int64))
+            # int32 indices (when they fit): the binning pass is bound by reading them
+            it = np.int32 if self.mask.size < 2**31 else np.int64
+            self._cache["sorted"] = (self._valid_flat[order].astype(it), starts.astype(it))
         return self._cache["sorted"]
 
     def to_pixels(self, cells: np.ndarray) -> np.ndarray:

@@ -384,15 +384,14 @@ class RowScorer:
         w = np.zeros((2 * pad + 1, len(ks)), np.float32)
         for i, k in enumerate(ks):
             w[pad - k.size // 2:pad + k.size // 2 + 1, i] = k
-        # (nq, taps) @ (taps, n): a transposed BLAS product, rows contiguous per sigma_q
-        vals = np.ascontiguousarray(w.T) @ grid.windows.T
+        vals = grid.windows @ w  # (n, nq): reads the windows once for every sigma_q
         out = []
         for i, s in enumerate(sigma_qs):
             key = (float(s), grid.sigma_ring, "rm")
             if key not in self._inv_ring:
                 inv = self.polar.inv_den(float(s), grid.sigma_ring)
                 self._inv_ring[key] = inv.ravel()[self._cells_rm]
-            out.append((vals[i] * self._inv_ring[key])[self._back_rm])
+            out.append((vals[:, i] * self._inv_ring[key])[self._back_rm])
         return out
 
     def _interp_at(self, n_out: int) -> tuple:
