@@ -157,6 +157,8 @@ def test_bad_geometry():
         Geometry(np.zeros((32, 32), bool), (16, 16))
     with pytest.raises(SmartbeamInputError, match="product"):
         select_bandwidths(np.ones((32, 32)), Geometry(mask, (16, 16)), product="ring")
+    with pytest.raises(SmartbeamInputError, match="score_arc_px=0"):
+        Geometry(mask, (16, 16), score_arc_px=0)
 
 
 def test_fast_thinning_is_binomial_half():

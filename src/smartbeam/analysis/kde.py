@@ -161,10 +161,14 @@ class Geometry:
         Width of the radial bands that get their own bandwidth.
     sector
         ``(angle_deg, half_width_deg)`` of the sector product; both opposite sides are used.
+    score_arc_px
+        Azimuthal cell size (px of arc at the outermost pixel) of the polar grid on which
+        the cross-validation of large detectors scores ring kernels (:attr:`score_polar`);
+        the emitted smoothing always uses ~1 px.
     """
 
     def __init__(self, mask: np.ndarray, centre: Sequence[float], *, band_width_px: float = 8.0,
-                 sector: tuple[float, float] = (0.0, 10.0)) -> None:
+                 sector: tuple[float, float] = (0.0, 10.0), score_arc_px: float = 2.0) -> None:
         mask = np.asarray(mask)
         if mask.ndim != 2 or mask.dtype != bool:
             raise SmartbeamInputError(f"mask of shape {mask.shape} and dtype {mask.dtype}: "
@@ -183,6 +187,10 @@ class Geometry:
             raise SmartbeamInputError(f"beam centre (x, y) = ({cx}, {cy}) is off the detector: "
                                       f"expected x in [-0.5, {nx - 0.5}] and y in "
                                       f"[-0.5, {ny - 0.5}] pixels")
+        if not (np.isfinite(score_arc_px) and score_arc_px > 0):
+            raise SmartbeamInputError(f"score_arc_px={score_arc_px!r}: expected a cell size "
+                                      "> 0 px of arc")
+        self.score_arc_px = float(score_arc_px)
         if not band_width_px > 0:
             raise SmartbeamInputError(f"band_width_px={band_width_px!r}: expected > 0")
         self.mask = mask
@@ -325,13 +333,15 @@ class Geometry:
     def score_polar(self) -> PolarGrid:
         """Polar grid of the ring kernels in the cross-validation of large detectors.
 
-        ~2 px of arc at the outermost pixel (``geometry.polar`` has ~1 px): half the cells
-        to bin, transform and filter per candidate. The smallest ring bandwidth of the
-        default candidates (3 px of arc) is widened by ~2 % at the detector corner, less
-        inside; the emitted smoothing keeps ``geometry.polar``. Built on first use.
+        ``score_arc_px`` (default 2) px of arc at the outermost pixel (``geometry.polar``
+        has ~1 px): half the cells to bin, transform and filter per candidate. At 2 px the
+        smallest ring bandwidth of the default candidates (3 px of arc) is widened by ~2 %
+        at the detector corner, less inside; the emitted smoothing keeps
+        ``geometry.polar``. Built on first use.
         """
         if self._score_polar is None:
-            n_phi = sfft.next_fast_len(int(np.ceil(np.pi * self.r.max())), real=True)
+            n_phi = sfft.next_fast_len(int(np.ceil(2 * np.pi * self.r.max()
+                                                   / self.score_arc_px)), real=True)
             self._score_polar = (self.polar if n_phi >= self.polar.n_phi
                                  else PolarGrid(self.mask, self.centre, n_phi=n_phi))
         return self._score_polar

@@ -253,10 +253,11 @@ def _throughput(quick: bool, rng: np.random.Generator) -> dict:
     out["fps_128"] = 1e3 / _median_ms(lambda: acc.add(f128), 200 if quick else 2000, cpu,
                                       "fps_128")
 
-    def geom(n):
+    def geom(n, **kw):
         yy, xx = np.mgrid[0:n, 0:n]
         c = (n / 2 - 0.3, n / 2 + 0.2)
-        return Geometry(np.hypot(xx - c[0], yy - c[1]) > n / 32, c, band_width_px=n / 16)
+        return Geometry(np.hypot(xx - c[0], yy - c[1]) > n / 32, c, band_width_px=n / 16,
+                        **kw)
 
     g2048 = geom(2048)
     # what an emit smooths: the int32 running sum of the accumulator
@@ -293,7 +294,20 @@ def _throughput(quick: bool, rng: np.random.Generator) -> dict:
         key = "select_ms_1024" + ("" if search == "auto" else "_full_search")
         select_bandwidths(x1024, g1024, rng=rng, search=search)
         out[key] = _median_ms(
-            lambda s=search: select_bandwidths(x1024, g1024, rng=rng, search=s), 3, cpu, key)
+            lambda s=search: select_bandwidths(x1024, g1024, rng=rng, search=s),
+            3 if quick or search == "full" else 15, cpu, key)
+    # the same on the emitted ~1 px-of-arc polar grid (the scoring grid's share of the
+    # time), and with half the scored pixels (what the CV sample size costs)
+    g1px = geom(1024, score_arc_px=1.0)
+    select_bandwidths(x1024, g1px, rng=rng)
+    out["select_ms_1024_score_grid_1px"] = _median_ms(
+        lambda: select_bandwidths(x1024, g1px, rng=rng), 3, cpu,
+        "select_ms_1024_score_grid_1px")
+    select_bandwidths(x1024, g1024, rng=rng, max_score_pixels=32768)
+    out["select_ms_1024_32k_scored_pixels"] = _median_ms(
+        lambda: select_bandwidths(x1024, g1024, rng=rng, max_score_pixels=32768), 3, cpu,
+        "select_ms_1024_32k_scored_pixels")
+    out["select_score_pixels"] = int(g1024.score_rows(65536)[1].size)
     out["select_n_candidates"] = len(DEFAULT_CANDIDATES)
     sel = select_bandwidths(x1024, g1024, rng=rng)
     out["select_n_scored_coarse_to_fine"] = int((sel.cv_score[:, 0] < 1e29).sum())
