@@ -29,7 +29,14 @@ Acquisition: the next energy is the one that most reduces the sum over pixels of
 posterior variance of m_orb per second of beam time, optionally jointly with the dwell
 of that energy (a longer dwell helps the pixel amplitudes, not the pooled shapes). Both
 parts of the variance have closed-form one-step reductions that factor into "per
-energy" x "per pixel" terms, so the whole map is scored in O(G R + P R).
+energy" x "per pixel" terms, so the whole map is scored in O(G R + P R). The scoring
+model gives the shapes a physical prior mean (:func:`line_basis`: arctan edge steps and
+Lorentzian white lines whose offsets and widths are fitted to the pooled data, free
+coefficients) with the GP modelling the remainder; the zero-mean GP overstates the
+shape uncertainty several fold once the lines are sampled, and kept the acquisition
+exploring new energies instead of repeating the dichroic peaks. The maps, their sd and
+the stop use the zero-mean model: the prior's smaller sd under-covered the truth on
+sparse fixed designs.
 
 Everything here is pure numpy/scipy: no bluesky, no I/O.
 """
