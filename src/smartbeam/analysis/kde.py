@@ -756,8 +756,10 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         Random generator or seed for the thinning.
     max_score_pixels
         For the ``"map"`` product, score the candidates on at most this many valid
-        pixels (a fixed random subsample; all of them on small detectors). The
-        convolutions still run on the whole frame. ``None``: every valid pixel.
+        pixels (whole detector rows, :meth:`Geometry.score_rows`; all of them on small
+        detectors). The kernels are then evaluated at those pixels only
+        (:class:`~smartbeam.analysis.kde_score.RowScorer`; ring kernels on
+        :attr:`Geometry.score_polar`). ``None``: every valid pixel.
     search
         ``"full"``: score every candidate. ``"coarse"``: score a coarse subset (every
         third isotropic sigma, the corner ring kernels, always no smoothing), then, per
