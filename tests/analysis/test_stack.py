@@ -358,3 +358,21 @@ def test_line_prior_states_sharper_shapes_and_only_steers_the_acquisition(sample
     assert np.abs(ad.model.moments().m_orb - StackModel(
         695, 735, 3.39, edges=(707.8, 720.8)).fit(e, odp, odm, vp, vm).moments().m_orb).max(
     ) < 1e-9
+
+
+def test_best_energy_beside_a_measured_one_repeats_it(sample):
+    rng = np.random.default_rng(14)
+    e = np.concatenate([np.linspace(695, 735, 12), [707.3, 707.8, 708.3, 720.3, 720.8, 721.3]])
+    cp, cm = _stack(sample, e, rng)
+    ad = AdaptiveStack(695, 735, 3.39, StackCost(N * N, N, 0.002), max_energies=40, n_init=8,
+                       edges=(707.8, 720.8))
+    for v, a, b in zip(e, cp, cm, strict=True):
+        ad.tell(v, a, b)
+    grid = ad.acq_model.grid
+    for target, want in ((707.75, 707.8), (714.0, 714.0)):
+        spike = np.where(np.isclose(grid, target), 1.0, 1e-6)
+        ad.acq_model.variance_reduction = lambda f=1.0, s=spike: s
+        dec = ad.ask(720.0)
+        assert not ad.edge_gaps()
+        # 707.75 is within half a grid step (0.125 eV) of the measured 707.8: repeated.
+        assert dec.energy == pytest.approx(want)
