@@ -62,3 +62,12 @@ def test_bin_cells_equals_to_cells():
     np.testing.assert_allclose(ca, g.polar.to_cells(a), atol=1e-3)
     np.testing.assert_allclose(cb, g.polar.to_cells(b), atol=1e-3)
     assert ca.shape == (g.polar.n_r, g.polar.n_phi)
+
+
+def test_non_contiguous_mask_and_counts():
+    g0 = _geometry()
+    g = Geometry(np.asfortranarray(g0.mask), g0.centre, band_width_px=10)
+    x = np.asfortranarray(np.random.default_rng(6).poisson(2.0, g.shape))
+    a, b = thin_masked(x, g, np.random.default_rng(0))
+    np.testing.assert_array_equal((a + b)[g.mask], x[g.mask])
+    assert not a[~g.mask].any()

@@ -210,7 +210,7 @@ class Geometry:
         in_sector = np.abs(d) <= np.deg2rad(self.sector[1])
         self.bins = {"radial": radial, "sector": np.where(in_sector, radial, -1)}
         self.maskf = mask.astype(np.float32)
-        self.mask_u8 = mask.view(np.uint8)
+        self.mask_u8 = np.ascontiguousarray(mask).view(np.uint8)  # for the numba kernels
         self._iso: dict[float, IsoFilter] = {}
         self._score_index: dict[int, tuple] = {}
         self._scratch: dict[int, np.ndarray] = {}
