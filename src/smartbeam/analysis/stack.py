@@ -61,6 +61,8 @@ __all__ = [
     "cluster_spectra",
     "grid_refit",
     "hyper_mixture",
+    "line_basis",
+    "line_mixture",
     "lowrank_denoise",
     "optical_density",
     "tendq_maps",
