@@ -201,7 +201,7 @@ def _sans_step(RE, devices, store, result: DemoResult, output: Path, quick: bool
     summary = f"{n} exposures"
     if "kde" in run:
         kde = read_stream(run, "kde", keys=["cv_rel_error", "predicted_time_s", "error",
-                                            "smoothed", "n_exposures"])
+                                            "smoothed", "n_exposures", "n_repeated"])
         summary += (f"; CV rel. error {kde['cv_rel_error'][-1]:.3f} (target {target}), "
                     f"predicted time to target {kde['predicted_time_s'][-1]:.0f} s")
         raw_equivalent = _raw_equivalent_exposures(run, kde, sans)
@@ -218,9 +218,11 @@ def _raw_equivalent_exposures(run, kde: dict, detector) -> float | None:
     """Exposures raw counting needs for the chi^2-MSE the last smoothed frame has.
 
     Measured, not modelled: both the smoothed frame and the raw sum of the same exposures
-    are compared with the true mean of the SANS twin (its default sample, rebuilt from the
-    twin's own defaults), and raw MSE falls exactly as 1/exposures (Poisson). ``None`` when
-    it cannot be measured (no smoothed frame, a twin started with other options).
+    are compared with the true mean of the SANS twin, and raw MSE falls exactly as
+    1/exposures (Poisson). The truth is the twin's default sample, rebuilt from the twin's
+    own option defaults: the demo starts it with those. ``None`` when it cannot be measured
+    (no smoothed frame, or frames skipped as repeats, so that the raw frames summed are not
+    the first ones of the run).
     """
     import argparse
 
@@ -232,6 +234,8 @@ def _raw_equivalent_exposures(run, kde: dict, detector) -> float | None:
     try:
         smoothed = np.asarray(kde["smoothed"][-1], dtype=float)
         n_used = int(kde["n_exposures"][-1])
+        if int(kde["n_repeated"][-1]) > 0:
+            return None
         parser = argparse.ArgumentParser()
         add_ioc_arguments(parser)
         args = parser.parse_args(["sans"])

@@ -237,10 +237,30 @@ def test_shared_offset_search_matches_free_search_on_one_calibration(lib, sim, t
                    for t in truths])
     free = f.predict_many(sim.energy, ys)
     shared = f.predict_many(sim.energy, ys, shared_offset=0.5)
-    for a, b, t in zip(free, shared, truths):
+    for a, b, t in zip(free, shared, truths, strict=True):
         assert a.described and b.described
         assert b.ten_dq == pytest.approx(a.ten_dq, abs=0.01)
         assert b.ten_dq == pytest.approx(t, abs=0.05)
         assert b.offset == pytest.approx(0.35, abs=0.06)
     with pytest.raises(SmartbeamInputError, match="shared_offset=5.0"):
         f.predict_many(sim.energy, ys, shared_offset=5.0)
+
+
+def test_shared_offset_window_neither_forces_nor_is_placed_by_empty_spectra(lib, sim, threshold):
+    """A region with a chemical shift outside the window is searched again over the whole
+    range; empty spectra (arbitrary Pearson offsets) do not place the window."""
+    f = TenDqFitter(threshold=threshold).fit(lib)
+    rng = np.random.default_rng(8)
+    at = [degrade(shifted(sim, sim.clean(1.0), off), sim.step, rng, noise=0.01)
+          for off in (0.0, 0.0, 0.0, 0.0, 0.0, 1.2)]
+    shifted_pixel = f.predict_many(sim.energy, np.stack(at), shared_offset=0.5)[-1]
+    assert shifted_pixel.described
+    assert shifted_pixel.offset == pytest.approx(1.2, abs=0.06)
+    assert shifted_pixel.ten_dq == pytest.approx(1.0, abs=0.05)
+
+    real = [degrade(sim.clean(0.9), sim.step, rng, noise=0.01) for _ in range(3)]
+    ys = np.stack([np.zeros_like(sim.energy)] * 7 + real)
+    out = f.predict_many(sim.energy, ys, shared_offset=0.5)
+    for r in out[7:]:
+        assert r.described and r.ten_dq == pytest.approx(0.9, abs=0.05)
+        assert r.offset == pytest.approx(0.0, abs=0.06)

@@ -1291,6 +1291,8 @@ def tendq_maps(fitter, energy: np.ndarray, od: np.ndarray, var: np.ndarray | Non
         stack, info = lowrank_denoise(stack, var, rank)
         used_rank = info["rank"]
     ny, nx = stack.shape[1:]
+    if shared_offset is not None:  # a fitter may search less than the default half width
+        shared_offset = min(shared_offset, fitter.offset_range)
     results = fitter.predict_many(e, stack.reshape(e.size, -1).T, shared_offset=shared_offset)
     out = {
         "ten_dq": np.array([r.ten_dq if r.described else np.nan for r in results]),

@@ -73,6 +73,10 @@ REJECTION_EXTRA_FWHM = (0.0, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 _SVD_ROW_TOL = 1e-6
 # Half width (eV) of the local offset search of the rejection stage.
 _REJECTION_OFFSET_HALF = 0.5
+# Spectra that count for the offset shared by a stack: best Pearson r at least this, and at
+# least this many of them (else every spectrum is searched over the whole range).
+_SHARED_OFFSET_MIN_R = 0.8
+_SHARED_OFFSET_MIN_SPECTRA = 3
 # Too slow for the full offset search: evaluated at Pearson's best window only.
 _AT_BEST_WINDOW = ("dtw",)
 # Distances that grow like |x| near the minimum are squared before the quadratic fit.
@@ -512,15 +516,13 @@ class TenDqFitter:
         n_s = len(self.step_shifts)
         ext = np.concatenate([self.preprocess_variants(e, y) for y in ys])  # (M*S, n_ext)
         pearson = self._pearson_maps(ext)
-        best = pearson.reshape(len(ys), n_s, -1).min(axis=2).argmin(axis=1)
-        rows = np.arange(len(ys)) * n_s + best
-        offsets = np.arange(pearson.shape[1])
+        n_j = pearson.shape[1]
+        offsets = np.arange(n_j)
         if shared_offset is not None:
-            # Median of the spectra's Pearson offsets: robust to empty or foreign pixels.
-            per = pearson[rows].reshape(len(ys), pearson.shape[1], -1).min(axis=2).argmin(axis=1)
-            j0 = int(round(float(np.median(per))))
-            half = int(round(shared_offset / self.step))
-            offsets = np.arange(max(j0 - half, 0), min(j0 + half, len(self.offsets) - 1) + 1)
+            offsets = self._shared_window(pearson.reshape(len(ys), n_s, n_j, -1), shared_offset)
+        # The edge-step variant that matches best inside the offsets searched.
+        best = pearson[:, offsets].reshape(len(ys), n_s, -1).min(axis=2).argmin(axis=1)
+        rows = np.arange(len(ys)) * n_s + best
         # The other measures only for the variant Pearson chose: the rest would be discarded.
         maps = self.dissimilarity_maps(ext[rows], pearson[rows], offsets)
         out_maps, out_ext, out_shift = [], [], []
@@ -533,6 +535,37 @@ class TenDqFitter:
                 out_maps[-1][meas] = self._at_best_window(ext[row], out_maps[-1]["pearson"],
                                                           meas, offsets)
         return out_maps, out_ext, out_shift, offsets
+
+    def _shared_window(self, pearson: np.ndarray, half_width: float) -> np.ndarray:
+        """Offset indices within ``half_width`` of the offset the spectra share.
+
+        ``pearson`` is (n_spectra, n_variants, n_offsets, ...). The centre is the median of
+        the Pearson offsets of the spectra that match the library at all (r >=
+        ``_SHARED_OFFSET_MIN_R``): empty or noise-only pixels have arbitrary offsets and
+        must not place the window. Too few such spectra: every offset.
+        """
+        per_offset = pearson.min(axis=(1, 3))  # (n_spectra, n_offsets)
+        matched = 1.0 - per_offset.min(axis=1) >= _SHARED_OFFSET_MIN_R
+        if matched.sum() < _SHARED_OFFSET_MIN_SPECTRA:
+            return np.arange(pearson.shape[2])
+        j0 = int(round(float(np.median(per_offset[matched].argmin(axis=1)))))
+        half = int(round(half_width / self.step))
+        return np.arange(max(j0 - half, 0), min(j0 + half, pearson.shape[2] - 1) + 1)
+
+    def _at_window_edge(self, maps: dict[str, np.ndarray], js: np.ndarray) -> bool:
+        """Whether any measure's best offset lies on an edge of a restricted window (not
+        on an edge of the whole range): its true optimum may lie outside."""
+        edges = ([0] if js[0] > 0 else []) + ([len(js) - 1] if js[-1] < len(self.offsets) - 1
+                                                else [])
+        if not edges:
+            return False
+        for meas in self.measures:
+            if meas in _AT_BEST_WINDOW:
+                continue
+            dmap = maps[meas]
+            if np.unravel_index(int(np.argmin(dmap)), dmap.shape)[0] in edges:
+                return True
+        return False
 
     def _at_best_window(self, ext: np.ndarray, pearson: np.ndarray, measure: str,
                         js: np.ndarray) -> np.ndarray:
@@ -570,9 +603,12 @@ class TenDqFitter:
         shared_offset
             For spectra that share one energy calibration (the pixels of an image stack,
             measured through one monochromator): search every spectrum only within this
-            half width (eV) of the median of their Pearson offsets, instead of over
-            +-``offset_range`` each -- several times faster, and one foreign pixel cannot
-            pull its own offset far off. ``None`` (default): each spectrum on its own.
+            half width (eV) of the median Pearson offset of the spectra that match the
+            library (r >= 0.8; empty and noise-only spectra do not count), instead of over
+            +-``offset_range`` each -- several times faster. A spectrum whose best offset
+            under any measure falls on an edge of that window (e.g. a region with a
+            chemical shift) is searched again over the whole range, so the window never
+            forces an answer. ``None`` (default): each spectrum on its own.
         """
         lib = self._check_fitted()
         if shared_offset is not None and not 0 <= shared_offset <= self.offset_range:
@@ -583,8 +619,16 @@ class TenDqFitter:
         for i, y in enumerate(ys):
             validate_spectrum(e, y, None, f"spectrum {i}")
         maps, ext, shifts, js = self._search(e, ys, shared_offset)
-        return [self._result(e, ys[i], maps[i], ext[i], shifts[i], lib, js)
-                for i in range(len(ys))]
+        redo = [i for i in range(len(ys)) if shared_offset is not None
+                and self._at_window_edge(maps[i], js)]
+        results = [None if i in redo else self._result(e, ys[i], maps[i], ext[i], shifts[i],
+                                                          lib, js)
+                   for i in range(len(ys))]
+        if redo:
+            maps, ext, shifts, js = self._search(e, ys[redo], None)
+            for k, i in enumerate(redo):
+                results[i] = self._result(e, ys[i], maps[k], ext[k], shifts[k], lib, js)
+        return results
 
     def _result(self, e: np.ndarray, y: np.ndarray, maps: dict[str, np.ndarray],
                 pre: np.ndarray, step_shift: float, lib: SpectrumLibrary, js: np.ndarray

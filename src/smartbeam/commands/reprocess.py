@@ -108,7 +108,8 @@ def tendq_task(energy: np.ndarray, spectra: np.ndarray, ion: str) -> dict[str, n
     with threadpool_limits(1):
         fitter = _cached_fitter(ion, make_fitter)
         # pixels of one stack: one monochromator calibration (see tendq_maps)
-        res = fitter.predict_many(energy, spectra, shared_offset=0.5)
+        res = fitter.predict_many(energy, spectra,
+                                  shared_offset=min(0.5, fitter.offset_range))
     return {"ten_dq": np.array([r.ten_dq if r.described else np.nan for r in res]),
             "ten_dq_sd": np.array([r.sd if r.described else np.nan for r in res]),
             "described": np.array([r.described for r in res], dtype=np.int8),
