@@ -59,11 +59,25 @@ def _fused_add():
             _fused = False
             return None
 
+        @numba.njit(nogil=True, cache=True, inline="always")
+        def undo(a, f):  # pragma: no cover - runs compiled
+            # integer adds and subtracts wrap modulo 2^32: the sum is restored bit for bit
+            for i in range(f.size):
+                a[i] -= f[i]
+
+        @numba.njit(nogil=True, cache=True, inline="always")
+        def mix(u, i):  # pragma: no cover - runs compiled
+            # the two terms of the position-weighted sums of the digest: weights odd and
+            # nonlinear in the pixel index
+            k1 = np.uint32(i) * np.uint32(0x9E3779B9)
+            k2 = np.uint32(i) * np.uint32(0x85EBCA6B)
+            return (u * ((k1 ^ (k1 >> np.uint32(13))) | np.uint32(1)),
+                    u * ((k2 ^ (k2 >> np.uint32(17))) | np.uint32(1)))
+
         @numba.njit(nogil=True, cache=True)
         def add_checked(acc, frame, limit):  # pragma: no cover - runs compiled
             # status 0: added; 1: negative pixel; 2: a sum exceeds ``limit``. On 1 or 2 the
-            # frame is subtracted again: integer adds and subtracts wrap modulo 2^32, so
-            # the sum is restored bit for bit. No early exit in the main loop, so that it
+            # frame is subtracted again. No early exit in the main loop, so that it
             # vectorises (an early-exit loop measured ~50% slower).
             a = acc.reshape(-1)
             f = frame.reshape(-1)
@@ -76,16 +90,15 @@ def _fused_add():
                 lo = min(lo, v)
                 hi = max(hi, t)
             if lo < 0 or hi > limit:
-                for i in range(f.size):
-                    a[i] -= f[i]
+                undo(a, f)
                 return (1 if lo < 0 else 2), 0
             return 0, hi
 
         @numba.njit(nogil=True, cache=True)
         def add_checked_hashed(acc, frame, limit):  # pragma: no cover - runs compiled
             # add_checked, plus the frame's total and two 32-bit position-weighted sums
-            # (weights odd and nonlinear in the pixel index) in the same pass: the digest
-            # that tells a re-sent frame without a second read of it
+            # (see mix) in the same pass: the digest that tells a re-sent frame without a
+            # second read of it
             a = acc.reshape(-1)
             f = frame.reshape(-1)
             lo = np.int64(0)
@@ -100,14 +113,11 @@ def _fused_add():
                 lo = min(lo, v)
                 hi = max(hi, t)
                 tot += v
-                u = np.uint32(f[i])
-                k1 = np.uint32(i) * np.uint32(0x9E3779B9)
-                h1 += u * ((k1 ^ (k1 >> np.uint32(13))) | np.uint32(1))
-                k2 = np.uint32(i) * np.uint32(0x85EBCA6B)
-                h2 += u * ((k2 ^ (k2 >> np.uint32(17))) | np.uint32(1))
+                d1, d2 = mix(np.uint32(f[i]), i)
+                h1 += d1
+                h2 += d2
             if lo < 0 or hi > limit:
-                for i in range(f.size):
-                    a[i] -= f[i]
+                undo(a, f)
                 return (1 if lo < 0 else 2), 0, tot, h1, h2
             return 0, hi, tot, h1, h2
 
@@ -120,11 +130,9 @@ def _fused_add():
             h2 = np.uint32(0)
             for i in range(f.size):
                 tot += np.int64(f[i])
-                u = np.uint32(f[i])
-                k1 = np.uint32(i) * np.uint32(0x9E3779B9)
-                h1 += u * ((k1 ^ (k1 >> np.uint32(13))) | np.uint32(1))
-                k2 = np.uint32(i) * np.uint32(0x85EBCA6B)
-                h2 += u * ((k2 ^ (k2 >> np.uint32(17))) | np.uint32(1))
+                d1, d2 = mix(np.uint32(f[i]), i)
+                h1 += d1
+                h2 += d2
             return tot, h1, h2
 
         global _hashed
