@@ -1293,15 +1293,10 @@ def tendq_maps(fitter, energy: np.ndarray, od: np.ndarray, var: np.ndarray | Non
     ny, nx = stack.shape[1:]
     if shared_offset is not None:  # a fitter may search less than the default half width
         shared_offset = min(shared_offset, fitter.offset_range)
-    results = fitter.predict_many(e, stack.reshape(e.size, -1).T, shared_offset=shared_offset)
-    out = {
-        "ten_dq": np.array([r.ten_dq if r.described else np.nan for r in results]),
-        "ten_dq_sd": np.array([r.sd if r.described else np.nan for r in results]),
-        "described": np.array([bool(r.described) for r in results]),
-        "score": np.array([r.score for r in results], dtype=float),
-        "offset": np.array([r.extra["per_measure_offset"].get("pearson", np.nan)
-                            if r.extra else np.nan for r in results], dtype=float),
-    }
+    # Arrays straight from the batched search (no per-pixel result objects).
+    res = fitter.predict_map(e, stack.reshape(e.size, -1).T, shared_offset=shared_offset)
+    out = {"ten_dq": res["ten_dq"], "ten_dq_sd": res["sd"], "described": res["described"],
+           "score": res["score"], "offset": res["offset"]}
     maps = {k: v.reshape(ny, nx) for k, v in out.items()}
     maps["rank"] = used_rank
     return maps

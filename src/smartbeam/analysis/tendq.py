@@ -344,6 +344,7 @@ class TenDqFitter:
         ok = np.flatnonzero(tail.max(axis=0) <= _SVD_ROW_TOL)
         rank = int(ok[0]) if ok.size else len(sv)
         self._mix = (u[:, :rank] * sv[:rank]).T  # (R, BK)
+        self._lib_basis = vt[:rank]  # (R, n): the batched path's direct products
         self._nfft = scipy.fft.next_fast_len(n_ext, real=True)
         self._lib_f = np.conj(scipy.fft.rfft(vt[:rank], self._nfft, axis=1))
         # Rejection stage: every entry at every resolution up to REJECTION_EXTRA_FWHM,
@@ -423,18 +424,26 @@ class TenDqFitter:
         dict
             measure -> (n_spectra, n_offsets, n_broadenings, n_entries) array.
         """
-        lib = self._check_fitted()
+        self._check_fitted()
         ext = np.atleast_2d(ext)
         pearson = self._pearson_maps(ext) if pearson is None else pearson
         js = np.arange(pearson.shape[1]) if offsets is None else np.asarray(offsets, dtype=int)
         out = {"pearson": pearson[:, js]}
+        out.update(self._other_maps(ext, js))
+        return out
+
+    def _other_maps(self, ext: np.ndarray, js: np.ndarray) -> dict[str, np.ndarray]:
+        """Maps of the measures other than Pearson (and DTW) at offsets ``js``."""
+        lib = self.library
+        assert lib is not None
+        out = {}
         others = (set(self.measures) | {"pearson"}) - set(_AT_BEST_WINDOW) - {"pearson"}
         if not others:
             return out
         win = sliding_window_view(ext, self.n, axis=1)[:, js]  # (M, J', n)
         m_, j_, n_ = win.shape
         flat = win.reshape(m_ * j_, n_)
-        for meas in others:
+        for meas in sorted(others):
             # Not prepared here: dissimilarity prepares the windows block by block (in cache).
             d = dissimilarity(flat, self._prepared[meas], meas, step=self.step,
                               dtw_window=self.dtw_window, prepared="library")
@@ -544,13 +553,17 @@ class TenDqFitter:
         ``_SHARED_OFFSET_MIN_R``): empty or noise-only pixels have arbitrary offsets and
         must not place the window. Too few such spectra: every offset.
         """
-        per_offset = pearson.min(axis=(1, 3))  # (n_spectra, n_offsets)
+        return self._window_from_per_offset(pearson.min(axis=(1, 3)), half_width)
+
+    def _window_from_per_offset(self, per_offset: np.ndarray, half_width: float
+                                ) -> np.ndarray:
+        """:meth:`_shared_window` from the best ``1 - r`` of each (spectrum, offset)."""
         matched = 1.0 - per_offset.min(axis=1) >= _SHARED_OFFSET_MIN_R
         if matched.sum() < _SHARED_OFFSET_MIN_SPECTRA:
-            return np.arange(pearson.shape[2])
+            return np.arange(per_offset.shape[1])
         j0 = int(round(float(np.median(per_offset[matched].argmin(axis=1)))))
         half = int(round(half_width / self.step))
-        return np.arange(max(j0 - half, 0), min(j0 + half, pearson.shape[2] - 1) + 1)
+        return np.arange(max(j0 - half, 0), min(j0 + half, per_offset.shape[1] - 1) + 1)
 
     def _at_window_edge(self, maps: dict[str, np.ndarray], js: np.ndarray) -> bool:
         """Whether any measure's best offset lies on an edge of a restricted window (not
@@ -610,7 +623,16 @@ class TenDqFitter:
             chemical shift) is searched again over the whole range, so the window never
             forces an answer. ``None`` (default): each spectrum on its own.
         """
-        lib = self._check_fitted()
+        self._check_fitted()
+        e, ys = self._validated_many(energy, intensities, shared_offset)
+        out = self._batch(e, ys, shared_offset)
+        if out is not None:
+            return [self._batch_result(out, i) for i in range(len(ys))]
+        return self._predict_many_loop(e, ys, shared_offset)
+
+    def _validated_many(self, energy: np.ndarray, intensities: np.ndarray,
+                        shared_offset: float | None) -> tuple[np.ndarray, np.ndarray]:
+        self._check_fitted()
         if shared_offset is not None and not 0 <= shared_offset <= self.offset_range:
             raise SmartbeamInputError(f"shared_offset={shared_offset!r}: expected a half width "
                                       f"in 0-{self.offset_range} eV (the offset range)")
@@ -618,6 +640,23 @@ class TenDqFitter:
         e, _ = validate_spectrum(energy, ys[0], self.need)
         for i, y in enumerate(ys):
             validate_spectrum(e, y, None, f"spectrum {i}")
+        return e, ys
+
+    def _batch(self, e: np.ndarray, ys: np.ndarray, shared_offset: float | None
+               ) -> dict[str, Any] | None:
+        """All spectra at once when they are of low rank (see
+        :mod:`~smartbeam.analysis.tendq_batch`), else ``None``."""
+        if "dtw" in self.measures or len(ys) < 2:
+            return None
+        from .tendq_batch import lowrank_factors, predict_batch
+
+        factors = lowrank_factors(ys)
+        return None if factors is None else predict_batch(self, e, ys, shared_offset, factors)
+
+    def _predict_many_loop(self, e: np.ndarray, ys: np.ndarray, shared_offset: float | None
+                           ) -> list[TenDqResult]:
+        """The per-spectrum path of :meth:`predict_many` (validated input)."""
+        lib = self._check_fitted()
         maps, ext, shifts, js = self._search(e, ys, shared_offset)
         redo = [i for i in range(len(ys)) if shared_offset is not None
                 and self._at_window_edge(maps[i], js)]
@@ -629,6 +668,53 @@ class TenDqFitter:
             for k, i in enumerate(redo):
                 results[i] = self._result(e, ys[i], maps[k], ext[k], shifts[k], lib, js)
         return results
+
+    def predict_map(self, energy: np.ndarray, intensities: np.ndarray, *,
+                    shared_offset: float | None = None) -> dict[str, np.ndarray]:
+        """:meth:`predict_many` as arrays, for the many pixels of a map.
+
+        Returns
+        -------
+        dict
+            (n_spectra,) arrays ``ten_dq`` and ``sd`` (NaN where rejected), ``described``,
+            ``score``, ``offset`` (the Pearson offset, eV, also where rejected).
+        """
+        e, ys = self._validated_many(energy, intensities, shared_offset)
+        out = self._batch(e, ys, shared_offset)
+        if out is not None:
+            described = (np.ones(len(ys), dtype=bool) if self.threshold is None
+                         else out["score"] <= self.threshold)
+            return {"ten_dq": np.where(described, out["ten_dq"], np.nan),
+                    "sd": np.where(described, out["sd"], np.nan), "described": described,
+                    "score": out["score"].astype(float),
+                    "offset": out["per_off"].get("pearson", np.full(len(ys), np.nan))}
+        results = self._predict_many_loop(e, ys, shared_offset)
+        return {
+            "ten_dq": np.array([r.ten_dq if r.described else np.nan for r in results],
+                               dtype=float),
+            "sd": np.array([r.sd if r.described else np.nan for r in results], dtype=float),
+            "described": np.array([bool(r.described) for r in results]),
+            "score": np.array([r.score for r in results], dtype=float),
+            "offset": np.array([r.extra["per_measure_offset"].get("pearson", np.nan)
+                                for r in results], dtype=float),
+        }
+
+    def _batch_result(self, out: dict[str, Any], i: int) -> TenDqResult:
+        """Result ``i`` of :func:`~smartbeam.analysis.tendq_batch.predict_batch`."""
+        lib = self.library
+        assert lib is not None
+        rej = {k: float(v[i]) for k, v in out["rejection"].items()}
+        return self._finish(
+            ten_dq=float(out["ten_dq"][i]), offset=float(out["offset"][i]),
+            measure="consensus" if len(self.consensus) > 1 else self.consensus[0],
+            sim=float(out["similarity"][i]),
+            per={m: float(v[i]) for m, v in out["per"].items()},
+            per_off={m: float(v[i]) for m, v in out["per_off"].items()},
+            per_sim={m: float(v[i]) for m, v in out["per_sim"].items()},
+            k_best=int(out["k_best"][i]), b_best=int(out["b_best"][i]),
+            spread=float(out["spread"][i]), sd_noise=float(out["sd_noise"][i]),
+            score=float(out["score"][i]), rej=rej, sigma=float(out["sigma"][i]),
+            step_shift=float(out["step_shift"][i]))
 
     def _result(self, e: np.ndarray, y: np.ndarray, maps: dict[str, np.ndarray],
                 pre: np.ndarray, step_shift: float, lib: SpectrumLibrary, js: np.ndarray
@@ -666,8 +752,19 @@ class TenDqFitter:
         spread = 1.4826 * float(np.median(np.abs(np.asarray(cons) - np.median(cons)))) if len(
             cons) > 1 else 0.0
         sd_noise = self._noise_sd(maps["pearson"], y_bg, sigma)
-        sd = math.sqrt(spread ** 2 + sd_noise ** 2)
+        return self._finish(ten_dq=ten_dq, offset=offset, measure=measure, sim=sim, per=per,
+                            per_off=per_off, per_sim=per_sim, k_best=k_best, b_best=b_best,
+                            spread=spread, sd_noise=sd_noise, score=score, rej=rej,
+                            sigma=sigma, step_shift=step_shift)
 
+    def _finish(self, *, ten_dq: float, offset: float, measure: str, sim: float,
+                per: dict[str, float], per_off: dict[str, float], per_sim: dict[str, float],
+                k_best: int, b_best: int, spread: float, sd_noise: float, score: float,
+                rej: dict[str, Any], sigma: float, step_shift: float) -> TenDqResult:
+        """Flags, decision and the result object of one estimate."""
+        lib = self.library
+        assert lib is not None
+        sd = math.sqrt(spread ** 2 + sd_noise ** 2)
         flags = []
         step_dq = float(lib.ten_dq[1] - lib.ten_dq[0]) if len(lib.ten_dq) > 1 else 0.0
         if ten_dq <= lib.ten_dq[0] + 0.5 * step_dq:

@@ -1,0 +1,447 @@
+"""Batched 10Dq estimation of many spectra on one energy axis (image stacks).
+
+:meth:`TenDqFitter.predict_many <smartbeam.analysis.tendq.TenDqFitter.predict_many>` runs,
+per spectrum, a preprocessing, a Pearson offset x broadening x edge-step search, the other
+measures, the refinement and the rejection stage. For the thousands of pixel spectra of a
+map the same steps are done here for all pixels at once, with the same results up to
+rounding (the tests compare with the per-spectrum path):
+
+- the preprocessing is linear in the spectrum once the L3/L2 maxima it places the edge
+  steps at are known: pixels are grouped by those two maxima and each group gets one
+  (n_ext x K) matrix (background projector, then the interpolation onto the
+  offset-extended grid);
+- a stack of pixel spectra is often of low rank (after
+  :func:`~smartbeam.analysis.stack.lowrank_denoise` exactly ``rank + 1``): with
+  ``Y = C V^T`` (a thin SVD truncated only below 1e-11 of the largest singular value)
+  every preprocessed spectrum is ``C_p @ B`` with a few basis rows ``B`` per group, so
+  every sliding-window dot product with the library (Pearson search, rejection search)
+  is a product of the pixel's coefficients with the basis rows' dot products, and the
+  window norms are quadratic forms of the coefficients. Only the nonlinear measures
+  (JSD, cityblock, EMD) and the rejection's final scores need the explicit spectra;
+- the refinement, the rejection scores and the uncertainty are computed on arrays.
+
+Spectra that are not of low rank (raw pixels) use the per-spectrum path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+__all__ = ["lowrank_factors", "predict_batch", "background_matrix"]
+
+#: Largest rank handled by the low-rank path (beyond it the per-spectrum path is cheaper).
+MAX_RANK = 32
+#: Singular values below this fraction of the largest are rounding (dropped).
+RANK_TOL = 1e-11
+#: Pixels per block (bounds the (pixels, offsets, entries) temporaries to ~100 MB).
+_CHUNK = 512
+
+
+def lowrank_factors(ys: np.ndarray, max_rank: int = MAX_RANK, tol: float = RANK_TOL
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(C, Vt)`` with ``C @ Vt == ys`` to ``tol`` of the largest singular value, or
+    ``None`` when the numerical rank exceeds ``max_rank``.
+
+    Parameters
+    ----------
+    ys
+        (n_spectra, n_energy) spectra.
+    max_rank
+        Largest rank accepted.
+    tol
+        Relative singular-value cut (rounding level).
+    """
+    ys = np.asarray(ys, dtype=float)
+    if min(ys.shape) == 0:
+        return None
+    u, s, vt = np.linalg.svd(ys, full_matrices=False)
+    rank = max(1, int(np.sum(s > tol * s[0]))) if s[0] > 0 else 1
+    if rank > max_rank:
+        return None
+    return u[:, :rank] * s[:rank], vt[:rank]
+
+
+def background_matrix(energy: np.ndarray, *, pre_edge_max: float, post_edge_min: float,
+                      l3: float, l2: float, step_width: float = 1.0, window: float = 15.0
+                      ) -> np.ndarray | None:
+    """(K, K) matrix ``Q`` with ``Q @ y == remove_background(energy, y, ...)`` for every y.
+
+    Same model as :func:`smartbeam.analysis.similarity.remove_background` (a line and the
+    2:1 arctan edge steps fitted by linear least squares to the pre- and post-edge points),
+    written as the projector it is for fixed step positions. ``None`` when that function
+    would fall back to its nonlinear ``y - min(y)`` (no background points).
+    """
+    e = np.asarray(energy, dtype=float)
+    pre = (e < pre_edge_max) & (e >= pre_edge_max - window)
+    post = (e > post_edge_min) & (e <= post_edge_min + window)
+    fit = pre | post
+    if not fit.any():
+        return None
+
+    def step(e0: float) -> np.ndarray:
+        return 0.5 + np.arctan((e - e0) / (0.5 * step_width)) / np.pi
+
+    steps = 2.0 / 3.0 * step(l3) + 1.0 / 3.0 * step(l2)
+    x = (e - e.mean()) / max(float(np.ptp(e)), 1e-12)
+    cols = [np.ones_like(e)]
+    if pre.sum() >= 3 and post.sum() + pre.sum() >= 6:
+        cols.append(x)
+    if post.sum() >= 3:
+        cols.append(steps)
+    basis = np.column_stack(cols)
+    q = np.eye(e.size)
+    q[:, fit] -= basis @ np.linalg.pinv(basis[fit])
+    return q
+
+
+def _interp_matrix(x: np.ndarray, xp: np.ndarray) -> np.ndarray:
+    """(len(x), len(xp)) matrix of ``np.interp(x, xp, .)`` (linear in the values)."""
+    return np.stack([np.interp(x, xp, col) for col in np.eye(len(xp))], axis=1)
+
+
+def _interp_rows(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """``np.interp(x, xp, row)`` for every row of ``fp`` (edge values outside)."""
+    j = np.clip(np.searchsorted(xp, x, side="right") - 1, 0, len(xp) - 2)
+    t = np.clip((x - xp[j]) / (xp[j + 1] - xp[j]), 0.0, 1.0)
+    return fp[:, j] * (1.0 - t) + fp[:, j + 1] * t
+
+
+def _noise_sigma_rows(y: np.ndarray) -> np.ndarray:
+    """:func:`~smartbeam.analysis.tendq.noise_sigma` of every row."""
+    if y.shape[1] < 5:
+        return np.zeros(len(y))
+    d = y[:, 1:-1] - 0.5 * (y[:, :-2] + y[:, 2:])
+    med = np.median(d, axis=1, keepdims=True)
+    return np.median(np.abs(d - med), axis=1) / 0.6745 / math.sqrt(1.5)
+
+
+def _quad_refine_rows(y0: np.ndarray, y1: np.ndarray, y2: np.ndarray) -> np.ndarray:
+    """:func:`~smartbeam.analysis.tendq._quad_refine` of many parabolas."""
+    den = y0 - 2 * y1 + y2
+    ok = np.isfinite(den) & (den > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = np.clip(0.5 * (y0 - y2) / np.where(ok, den, 1.0), -1.0, 1.0)
+    return np.where(ok, v, 0.0)
+
+
+class _Basis:
+    """Preprocessed basis rows of one (peak group, edge-step variant) and their products
+    with the library at every offset."""
+
+    def __init__(self, fitter, rows: np.ndarray) -> None:
+        n = fitter.n
+        self.rows = rows  # (R, n_ext)
+        win = sliding_window_view(rows, n, axis=1)  # (R, J, n)
+        r_, j_, _ = win.shape
+        # Pearson numerators through the library's SVD basis, as the FFT path does.
+        num = (win.reshape(r_ * j_, n) @ fitter._lib_basis.T) @ fitter._mix
+        self.num = num.reshape(r_, j_, -1)  # (R, J, BK)
+        wc = win - win.mean(axis=2, keepdims=True)
+        # Centred window Gram matrices: |window - mean|^2 = c^T G_j c.
+        self.gram = np.einsum("rjt,sjt->jrs", wc, wc)  # (J, R, R)
+        self._win = win
+        self._rej: np.ndarray | None = None
+
+    def rej(self, fitter) -> np.ndarray:
+        """(R, J, n_rejection_rows) dot products with the rejection stage's unit rows."""
+        if self._rej is None:
+            r_, j_, n = self._win.shape
+            self._rej = (self._win.reshape(r_ * j_, n) @ fitter._rej_unit.T).reshape(
+                r_, j_, -1)
+        return self._rej
+
+    def norms_inv(self, c: np.ndarray, js: np.ndarray) -> np.ndarray:
+        """1 / |centred window| of coefficient rows ``c`` at offsets ``js`` (0 if flat)."""
+        q = np.einsum("pr,jrs,ps->pj", c, self.gram[js], c, optimize=True)
+        norm = np.sqrt(np.clip(q, 0.0, None))
+        return np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 1e-300)
+
+    def pearson(self, c: np.ndarray, js: np.ndarray) -> np.ndarray:
+        """(m, J', BK) ``1 - r`` of coefficient rows ``c`` at offsets ``js``."""
+        num = (c @ self.num[:, js].reshape(len(c[0]), -1)).reshape(len(c), len(js), -1)
+        return 1.0 - num * self.norms_inv(c, js)[:, :, None]
+
+
+def _chunks(idx: np.ndarray, size: int = _CHUNK):
+    for i in range(0, len(idx), size):
+        yield idx[i:i + size]
+
+
+def predict_batch(fitter, e: np.ndarray, ys: np.ndarray, shared_offset: float | None,
+                  factors: tuple[np.ndarray, np.ndarray]) -> dict[str, Any] | None:
+    """Per-pixel estimates of validated spectra ``ys`` (see module docstring).
+
+    Returns ``None`` when the batched path does not apply (then the caller uses the
+    per-spectrum path), else a dict of per-spectrum arrays: ``ten_dq``, ``offset``,
+    ``sd``, ``score``, ``similarity``, ``per`` / ``per_off`` / ``per_sim`` (measure ->
+    array), ``k_best``, ``b_best``, ``spread``, ``sd_noise``, ``sigma``, ``step_shift``
+    and ``rejection`` (dict of arrays).
+    """
+    lib = fitter.library
+    r = fitter.offset_range
+    coef, vt = factors
+    n_p = len(ys)
+    shifts = fitter.step_shifts
+    n_s = len(shifts)
+    # Edge-step positions: the L3/L2 maxima near the library's, as preprocess finds them.
+    peaks = []
+    for e0 in (fitter.l3, fitter.l2):
+        m = (e > e0 - r - 1) & (e < e0 + r + 1)
+        peaks.append(np.flatnonzero(m)[np.argmax(ys[:, m], axis=1)] if m.any()
+                     else np.full(n_p, -1))
+    keys, group = np.unique(np.stack(peaks, axis=1), axis=0, return_inverse=True)
+    group = group.ravel()
+    interp = _interp_matrix(fitter.grid_ext, e)  # (n_ext, K)
+    bases: dict[tuple[int, int], _Basis] = {}
+    for g, (i3, i2) in enumerate(keys):
+        l3 = float(e[i3]) if i3 >= 0 else fitter.l3
+        l2 = float(e[i2]) if i2 >= 0 else fitter.l2
+        for s, shift in enumerate(shifts):
+            q = background_matrix(e, pre_edge_max=fitter.onset - r - 0.5,
+                                  post_edge_min=fitter.end + r + 0.5, l3=l3 + shift,
+                                  l2=l2 + shift)
+            if q is None:
+                return None
+            bases[g, s] = _Basis(fitter, (vt @ q.T) @ interp.T)
+
+    n_j = len(fitter.offsets)
+    all_js = np.arange(n_j)
+    per_offset = np.empty((n_p, n_s, n_j))
+    for g in range(len(keys)):
+        pix = np.flatnonzero(group == g)
+        for s in range(n_s):
+            for ch in _chunks(pix):
+                per_offset[ch, s] = bases[g, s].pearson(coef[ch], all_js).min(axis=2)
+    js = all_js
+    if shared_offset is not None:
+        js = fitter._window_from_per_offset(per_offset.min(axis=1), shared_offset)
+    out = _estimate(fitter, e, ys, coef, group, bases, per_offset, js, np.arange(n_p),
+                    check_edge=shared_offset is not None)
+    redo = np.flatnonzero(out.pop("at_edge"))
+    if redo.size:
+        again = _estimate(fitter, e, ys, coef, group, bases, per_offset, all_js, redo,
+                          check_edge=False)
+        again.pop("at_edge")
+        _assign(out, again, redo)
+    out["library_id"] = lib.library_id
+    return out
+
+
+def _assign(dst: dict, src: dict, idx: np.ndarray) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict):
+            _assign(dst[k], v, idx)
+        else:
+            dst[k][idx] = v
+
+
+def _estimate(fitter, e, ys, coef, group, bases, per_offset, js, pix, check_edge):
+    """Estimates of the spectra ``pix`` searched over offsets ``js``."""
+    n_s = len(fitter.step_shifts)
+    # The edge-step variant that matches best inside the offsets searched.
+    best = per_offset[pix][:, :, js].min(axis=2).argmin(axis=1)
+    out: dict[str, Any] | None = None
+    for g in np.unique(group[pix]):
+        for s in range(n_s):
+            sel = pix[(group[pix] == g) & (best == s)]
+            for ch in _chunks(sel):
+                res = _estimate_block(fitter, e, ys[ch], coef[ch], bases[g, s], js,
+                                      fitter.step_shifts[s], check_edge)
+                if out is None:
+                    out = _empty_like(res, len(ys))
+                _assign(out, res, ch)
+    assert out is not None
+    return {k: _take(v, pix) for k, v in out.items()}
+
+
+def _empty_like(res: dict, n: int) -> dict:
+    out = {}
+    for k, v in res.items():
+        if isinstance(v, dict):
+            out[k] = _empty_like(v, n)
+        else:
+            out[k] = np.zeros((n,) + v.shape[1:], dtype=v.dtype)
+    return out
+
+
+def _take(v, idx):
+    return {k: _take(w, idx) for k, w in v.items()} if isinstance(v, dict) else v[idx]
+
+
+def _refine_rows(fitter, dmap: np.ndarray, measure: str, js: np.ndarray):
+    """:meth:`TenDqFitter._refine` of every map in ``dmap`` (m, J, B, K)."""
+    from .tendq import _SQUARE_FOR_FIT
+
+    lib = fitter.library
+    f = dmap ** 2 if measure in _SQUARE_FOR_FIT else dmap
+    m_, n_j, n_b, n_k = f.shape
+    flat = np.argmin(f.reshape(m_, -1), axis=1)
+    j, b, k = np.unravel_index(flat, (n_j, n_b, n_k))
+    rows = np.arange(m_)
+    seg = lib.segment
+    km, kp = np.clip(k - 1, 0, n_k - 1), np.clip(k + 1, 0, n_k - 1)
+    ok_k = (k > 0) & (k < n_k - 1) & (seg[km] == seg[k]) & (seg[k] == seg[kp])
+    dk = np.where(ok_k, _quad_refine_rows(f[rows, j, b, km], f[rows, j, b, k],
+                                          f[rows, j, b, kp]), 0.0)
+    jm, jp = np.clip(j - 1, 0, n_j - 1), np.clip(j + 1, 0, n_j - 1)
+    ok_j = (j > 0) & (j < n_j - 1)
+    dj = np.where(ok_j, _quad_refine_rows(f[rows, jm, b, k], f[rows, j, b, k],
+                                          f[rows, jp, b, k]), 0.0)
+    step_dq = lib.ten_dq[1] - lib.ten_dq[0] if len(lib.ten_dq) > 1 else 0.0
+    ten_dq = lib.ten_dq[k] + dk * step_dq
+    offset = fitter.offsets[js[j]] + dj * fitter.step
+    return ten_dq, offset, j, b, k, dmap[rows, j, b, k]
+
+
+def _estimate_block(fitter, e, y, c, basis: _Basis, js, step_shift, check_edge):
+    from .similarity import similarity_from_dissimilarity
+
+    lib = fitter.library
+    m_ = len(y)
+    n_b, n_k = len(fitter.extra_fwhm), len(lib.ten_dq)
+    pre = c @ basis.rows  # (m, n_ext)
+    maps = {"pearson": basis.pearson(c, js).reshape(m_, len(js), n_b, n_k)}
+    maps.update(fitter._other_maps(pre, js))
+    per, per_off, per_sim, per_k, per_b, per_j = {}, {}, {}, {}, {}, {}
+    for meas in fitter.measures:
+        dq, off, j, b, k, dmin = _refine_rows(fitter, maps[meas], meas, js)
+        per[meas], per_off[meas], per_k[meas], per_b[meas] = dq, off, k, b
+        per_j[meas] = j
+        per_sim[meas] = np.asarray(similarity_from_dissimilarity(dmin, meas), dtype=float)
+    at_edge = np.zeros(m_, dtype=bool)
+    if check_edge:
+        edges = ([0] if js[0] > 0 else []) + ([len(js) - 1] if js[-1] < len(
+            fitter.offsets) - 1 else [])
+        for meas in fitter.measures:
+            # argmin of the map itself (not squared), as _at_window_edge
+            jm = np.unravel_index(np.argmin(maps[meas].reshape(m_, -1), axis=1),
+                                  maps[meas].shape[1:])[0]
+            at_edge |= np.isin(jm, edges)
+    cons = np.stack([per[m] for m in fitter.consensus], axis=1)
+    if len(fitter.consensus) == 1:
+        meas = fitter.consensus[0]
+        ten_dq, offset = per[meas], per_off[meas]
+        k_best, b_best, sim = per_k[meas], per_b[meas], per_sim[meas]
+    else:
+        ten_dq = np.median(cons, axis=1)
+        offset = np.median(np.stack([per_off[m] for m in fitter.consensus], axis=1), axis=1)
+        ks = np.stack([per_k[m] for m in fitter.consensus], axis=1)
+        k_best = np.argmin(np.abs(lib.ten_dq[None, :] - ten_dq[:, None]), axis=1)
+        seg = lib.segment[ks]
+        mixed = (seg != seg[:, :1]).any(axis=1)
+        k_best = np.where(mixed, np.median(ks, axis=1).astype(int), k_best)
+        b_best = np.median(np.stack([per_b[m] for m in fitter.consensus], axis=1),
+                           axis=1).astype(int)
+        sim = per_sim.get("pearson", per_sim[fitter.consensus[0]])
+
+    # Noise and background-free data inside the (shifted) library window.
+    sigma = np.zeros(m_)
+    sd_noise = np.zeros(m_)
+    lo, hi = lib.energy[0] + offset, lib.energy[-1] + offset
+    masks = (e[None, :] >= lo[:, None]) & (e[None, :] <= hi[:, None])
+    pj, pb, pk = (per_j["pearson"], per_b["pearson"], per_k["pearson"]) if (
+        "pearson" in per_j) else _argmin3(maps["pearson"])
+    for key in np.unique(masks, axis=0):
+        rows = np.flatnonzero((masks == key).all(axis=1))
+        if key.sum() >= 5:
+            sigma[rows] = _noise_sigma_rows(y[rows][:, key])
+        y_bg = _interp_rows(e[key], fitter.grid_ext, pre[rows])
+        sd_noise[rows] = _noise_sd_rows(fitter, maps["pearson"][rows], pj[rows], pb[rows],
+                                        pk[rows], y_bg, sigma[rows])
+    score, rej = _rejection_rows(fitter, e, y, c, pre, basis, offset)
+    med = np.median(cons, axis=1)
+    spread = (1.4826 * np.median(np.abs(cons - med[:, None]), axis=1) if cons.shape[1] > 1
+              else np.zeros(m_))
+    sd = np.sqrt(spread ** 2 + sd_noise ** 2)
+    return {"ten_dq": ten_dq, "offset": offset, "sd": sd, "score": score, "similarity": sim,
+            "per": per, "per_off": per_off, "per_sim": per_sim, "k_best": k_best,
+            "b_best": b_best, "spread": spread, "sd_noise": sd_noise, "sigma": sigma,
+            "step_shift": np.full(m_, float(step_shift)), "rejection": rej,
+            "at_edge": at_edge}
+
+
+def _argmin3(dmap: np.ndarray):
+    return np.unravel_index(np.argmin(dmap.reshape(len(dmap), -1), axis=1), dmap.shape[1:])
+
+
+def _noise_sd_rows(fitter, dmap, j, b, k, y_bg, sigma):
+    """:meth:`TenDqFitter._noise_sd` of many pixels sharing one mask."""
+    lib = fitter.library
+    m_, n_k = len(dmap), dmap.shape[3]
+    rows = np.arange(m_)
+    ok = (k > 0) & (k < n_k - 1) & (sigma > 0) & (y_bg.shape[1] >= 3)
+    kk = np.clip(k, 1, n_k - 2)
+    r = 1.0 - np.stack([dmap[rows, j, b, kk + d] for d in (-1, 0, 1)], axis=1)
+    ssr = y_bg.shape[1] * np.var(y_bg, axis=1)[:, None] * (1.0 - r ** 2)
+    h = lib.ten_dq[kk + 1] - lib.ten_dq[kk]
+    curv = (ssr[:, 0] - 2 * ssr[:, 1] + ssr[:, 2]) / h ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sd = np.where(curv <= 0, h, np.sqrt(2.0 * sigma ** 2 / np.where(curv > 0, curv, 1.0)))
+    return np.where(ok, sd, 0.0)
+
+
+def _rejection_rows(fitter, e, y, c, pre, basis: _Basis, offset):
+    """:meth:`TenDqFitter._rejection` of many pixels (see there)."""
+    from .tendq import _REJECTION_OFFSET_HALF, REJECTION_EXTRA_FWHM
+
+    lib = fitter.library
+    m_ = len(y)
+    n_k = len(lib.ten_dq)
+    j0 = np.round((offset + fitter.offset_range) / fitter.step).astype(int)
+    half = int(round(_REJECTION_OFFSET_HALF / fitter.step))
+    dots = basis.rej(fitter)
+    jr = np.zeros(m_, dtype=int)
+    idx = np.zeros(m_, dtype=int)
+    for j in np.unique(j0):
+        rows = np.flatnonzero(j0 == j)
+        jsr = np.arange(max(j - half, 0), min(j + half, 2 * fitter.n_shift) + 1)
+        cc = c[rows]
+        rr = (cc @ dots[:, jsr].reshape(cc.shape[1], -1)).reshape(len(rows), len(jsr), -1)
+        rr *= basis.norms_inv(cc, jsr)[:, :, None]
+        jj, ii = np.unravel_index(np.argmax(rr.reshape(len(rows), -1), axis=1), rr.shape[1:])
+        jr[rows], idx[rows] = jsr[jj], ii
+    off = fitter.offsets[jr]
+    shape = np.full(m_, np.inf)
+    branching = np.full(m_, np.inf)
+    for j in np.unique(jr):
+        rows = np.flatnonzero(jr == j)
+        o = float(fitter.offsets[j])
+        mask = (e >= lib.energy[0] + o) & (e <= lib.energy[-1] + o)
+        if mask.sum() < 10:
+            continue
+        em = e[mask]
+        sigma = _noise_sigma_rows(y[rows][:, mask])
+        y_bg = _interp_rows(em, fitter.grid_ext, pre[rows])
+        model = _interp_rows(em - o, lib.energy, fitter._rej[idx[rows]])
+        # Least squares of a*model + b (two columns: closed form).
+        mm, my = model.mean(axis=1), y_bg.mean(axis=1)
+        dm, dy = model - mm[:, None], y_bg - my[:, None]
+        vm = (dm * dm).sum(axis=1)
+        a = np.divide((dm * dy).sum(axis=1), vm, out=np.zeros_like(vm), where=vm > 0)
+        b = my - a * mm
+        ssr = np.mean((y_bg - a[:, None] * model - b[:, None]) ** 2, axis=1)
+        var = np.var(y_bg, axis=1)
+        signal = var - sigma ** 2
+        sh = np.maximum(ssr - sigma ** 2, 0.0) / np.maximum(signal, 1e-12 * np.maximum(
+            var, 1e-300))
+        sh = np.where((a <= 0) | (signal < 0.5 * sigma ** 2), np.inf, sh)
+        # Branching: the model scaled to the L3 line against the measured L2 line.
+        l3 = em - o < fitter.split
+        yb = y_bg - b[:, None]
+        a3, a2 = yb[:, l3].sum(axis=1), yb[:, ~l3].sum(axis=1)
+        m3, m2 = model[:, l3].sum(axis=1), model[:, ~l3].sum(axis=1)
+        bad = np.minimum(np.minimum(a3, a2), np.minimum(m3, m2)) <= 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rho = m2 / m3
+            noise = 2.0 * sigma * np.sqrt((~l3).sum() + rho ** 2 * l3.sum())
+            br = np.maximum(np.abs(a2 - rho * a3) - noise, 0.0) / a2
+        shape[rows] = sh
+        branching[rows] = np.where(bad, np.inf, br)
+    info = {"offset": off, "ten_dq": lib.ten_dq[idx % n_k],
+            "extra_fwhm": np.asarray(REJECTION_EXTRA_FWHM)[idx // n_k],
+            "shape": shape, "branching": branching}
+    return np.maximum(shape, branching), info
