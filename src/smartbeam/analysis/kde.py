@@ -855,7 +855,7 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
                                            else scorer.polar)
         key = (j, sigma_ring)
         if key not in sp["ring_done"]:
-            # keep ring-filtered grids (or the row scorer's windows of them, smaller) for
+            # keep ring-filtered grids (or the row scorer's values from them, smaller) for
             # later search stages while they fit in ~100 MB
             held = sum(_nbytes(v) for v in sp["ring_done"].values())
             while sp["ring_done"] and held + cells[j].nbytes > 100e6:
@@ -868,17 +868,13 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
                 qs = sorted({k.sigma_q for k in candidates
                              if k.kind == "ring" and k.sigma_ring == sigma_ring})
                 grid = dict(zip(qs, scorer.ring_at(
-                    scorer.ring_grid(spectra[j], cells[j], sigma_ring, ring_pad), qs),
-                    strict=True))
+                    scorer.ring_grid(spectra[j], cells[j], sigma_ring), qs), strict=True))
             elif sigma_ring > 0:
                 grid = polar.filter_ring(spectra[j], sigma_ring)
             else:
                 grid = cells[j]
             sp["ring_done"][key] = grid
         return sp["ring_done"][key]
-
-    ring_pad = max((gaussian_kernel_1d(k.sigma_q).size // 2 for k in candidates
-                    if k.kind == "ring" and k.sigma_q > 0), default=0)
 
     def ring_values(sp: dict, j: int, kern: Kernel) -> np.ndarray:
         cell_val = polar.filter_q(ring_grid(sp, j, kern.sigma_ring), kern.sigma_q)

@@ -225,22 +225,17 @@ class PolarGrid:
                            minlength=self.n_r * self.n_phi).reshape(
                                self.n_r, self.n_phi).astype(np.float32)
 
-    def sorted_pixels(self) -> tuple[np.ndarray, np.ndarray]:
-        """Valid pixels sorted by polar cell, and where each cell's run starts (cached).
-
-        Returns
-        -------
-        pix, starts
-            Flat pixel indices; cell ``c`` holds ``pix[starts[c]:starts[c + 1]]``.
+    def cell_index32(self) -> np.ndarray:
+        """Polar cell of each pixel, int32 ``(ny, nx)``; masked pixels get ``n_r * n_phi``
+        (a spare cell past the grid). Cached.
         """
-        if "sorted" not in self._cache:
-            order = np.argsort(self._valid_cell, kind="stable")
-            starts = np.searchsorted(self._valid_cell[order],
-                                     np.arange(self.n_r * self.n_phi + 1))
-            # int32 indices (when they fit): the binning pass is bound by reading them
-            it = np.int32 if self.mask.size < 2**31 else np.int64
-            self._cache["sorted"] = (self._valid_flat[order].astype(it), starts.astype(it))
-        return self._cache["sorted"]
+        if "cell32" not in self._cache:
+            n = self.n_r * self.n_phi
+            # int32 (when it fits): the binning pass is bound by reading it
+            it = np.int32 if n < 2**31 - 1 else np.int64
+            self._cache["cell32"] = np.ascontiguousarray(np.where(self.mask, self.cell, n)
+                                                         .astype(it))
+        return self._cache["cell32"]
 
     def to_pixels(self, cells: np.ndarray) -> np.ndarray:
         """Per-pixel map of cell values (0 outside the mask), float32."""
