@@ -301,12 +301,15 @@ class Geometry:
         (cached: it keeps gather indices and normalisers of the scored pixels).
 
         Its pixels (``RowScorer.idx``) are those of :meth:`score_rows` ordered by radial
-        band, so that per-band sums over them are sums of contiguous runs.
+        band, so that per-band sums over them are sums of contiguous runs, and within a
+        band by azimuth then radius on the scoring polar grid (the ring kernels' q windows
+        of successive pixels then share grid rows in cache).
         """
         key = ("scorer", int(max_pixels))
         if key not in self._score_index:
             rows, idx = self.score_rows(max_pixels)
-            idx = idx[np.argsort(self.band.ravel()[idx], kind="stable")]
+            rho, phi = np.divmod(self.score_polar.cell.ravel()[idx], self.score_polar.n_phi)
+            idx = idx[np.lexsort((rho, phi, self.band.ravel()[idx]))]
             self._score_index[key] = RowScorer(self, rows, idx, self.score_polar)
         return self._score_index[key]
 

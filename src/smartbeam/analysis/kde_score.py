@@ -56,7 +56,8 @@ def _ring_q():
     the cell's azimuth. For the ``t``-th scored cell, q kernel ``i`` (taps
     ``lo[i]:hi[i]`` of ``w[i]``) is applied to both runs, the two results are
     interpolated linearly to the azimuth, multiplied by the normaliser ``inv[i, t]`` and
-    written to ``out[i, dest[t]]`` (the order of the scored pixels). numba because no
+    written to ``out[i, t]``. Scored cells that follow each other in azimuth read the
+    same grid rows (in cache). numba because no
     numpy/OpenCV call gathers, filters and interpolates in one pass: the gathered
     ``(n_scored, 2 rad + 1)`` windows and matrix product it replaces wrote and read ~9 MB
     per grid at 1024^2 (~5 ms per grid, one core, against ~2.5 ms).
@@ -67,7 +68,7 @@ def _ring_q():
 
         # fastmath: lets LLVM vectorise the short dot products (reassociated sums)
         @numba.njit(nogil=True, cache=True, fastmath=True)
-        def ring_q(gt, rho, i0, i1, f, w, lo, hi, inv, dest, out):  # pragma: no cover
+        def ring_q(gt, rho, i0, i1, f, w, lo, hi, inv, out):  # pragma: no cover
             n_r = gt.shape[1]
             rad = (w.shape[1] - 1) // 2
             for t in range(rho.size):
@@ -75,7 +76,6 @@ def _ring_q():
                 base = rho[t] - rad
                 ga = gt[i0[t]]
                 gb = gt[i1[t]]
-                dst = dest[t]
                 for i in range(w.shape[0]):
                     d0 = max(lo[i], -base)
                     d1 = max(min(hi[i], n_r - base), d0)
@@ -92,7 +92,7 @@ def _ring_q():
                             sa += wa[j] * xa[j]
                             sb += wa[j] * xb[j]
                         sa += ff * (sb - sa)
-                    out[i, dst] = sa * inv[i, t]
+                    out[i, t] = sa * inv[i, t]
 
         _ring_q_kernel = ring_q
     return _ring_q_kernel
@@ -256,7 +256,8 @@ class RowScorer:
         Sorted detector row indices that hold the scored pixels.
     idx
         Flat indices of the scored (valid) pixels, all within ``rows`` (any order: the
-        values come back in this order).
+        values come back in this order; ring kernels run fastest when neighbours in
+        ``idx`` are neighbours in azimuth, e.g. sorted by polar azimuth then radius).
     polar
         Polar grid of the ring kernels (default: ``geometry.polar``).
     """
@@ -273,12 +274,7 @@ class RowScorer:
         self.loc = np.searchsorted(self.rows, y) * nx + x
         cells = self.polar.cell.ravel()[self.idx]
         rho, phi = np.divmod(cells, self.polar.n_phi)
-        # ring values are computed in radius-major order (neighbouring cells share most
-        # of their rows in cache), then the values are put back in the order of ``idx``
-        rm = np.argsort(cells, kind="stable")
-        self._cells_rm = cells[rm]
-        self._rho_rm, self._phi_rm = rho[rm], phi[rm]
-        self._rm = rm
+        self._cells, self._rho, self._phi = cells, rho, phi
         self._inv_iso: dict[float, np.ndarray] = {}
         self._inv_ring: dict[tuple[float, float], np.ndarray] = {}
         self._interp: dict[int, tuple] = {}
@@ -409,22 +405,22 @@ class RowScorer:
         hi = lo + np.array([k.size for k in ks], np.int64)
         inv = np.empty((len(ks), self.idx.size), np.float32)
         for i, s in enumerate(sigma_qs):
-            key = (float(s), grid.sigma_ring, "rm")
+            key = (float(s), grid.sigma_ring)
             if key not in self._inv_ring:
                 den = self.polar.inv_den(float(s), grid.sigma_ring)
-                self._inv_ring[key] = den.ravel()[self._cells_rm]
+                self._inv_ring[key] = den.ravel()[self._cells]
             inv[i] = self._inv_ring[key]
         i0, i1, f = self._interp_at(grid.n_out)
         out = np.empty((len(ks), self.idx.size), np.float32)
-        _ring_q()(np.ascontiguousarray(grid.values, np.float32), self._rho_rm, i0, i1, f, w,
-                  lo, hi, inv, self._rm, out)
+        _ring_q()(np.ascontiguousarray(grid.values, np.float32), self._rho, i0, i1, f, w,
+                  lo, hi, inv, out)
         return list(out)
 
     def _interp_at(self, n_out: int) -> tuple:
         """Columns and weight of the two samples around each scored cell's azimuth."""
         if n_out not in self._interp:
             n_phi = self.polar.n_phi
-            phi = self._phi_rm
+            phi = self._phi
             if n_out == n_phi:
                 i0 = phi.astype(np.int64)
                 self._interp[n_out] = (i0, i0, np.zeros(i0.size, np.float32))
