@@ -1,0 +1,135 @@
+"""Batched (low-rank) 10Dq search: same answers as the per-spectrum path."""
+
+import numpy as np
+import pytest
+
+from smartbeam.analysis.similarity import remove_background
+from smartbeam.analysis.stack import lowrank_denoise, optical_density, tendq_maps
+from smartbeam.analysis.tendq import TenDqFitter
+from smartbeam.analysis.tendq_batch import background_matrix, lowrank_factors
+from smartbeam.library_store import load_packaged_library, load_threshold
+
+# Differences allowed between the batched and the per-spectrum path: rounding only.
+TOL = 1e-9
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return load_packaged_library()
+
+
+@pytest.fixture(scope="module")
+def field():
+    """A denoised 8x8 multi-region STXM field (Mn2+ regions and Mn3+)."""
+    from sim_devices.physics.stxm_xas import STXMXASSample
+
+    n = 8
+    sample = STXMXASSample(shape=(n, n))
+    e = np.arange(632.0, 660.0, 0.2)
+    x = (np.arange(n) + 0.5) * sample.pixel_um
+    rng = np.random.default_rng(5)
+    od, var = optical_density(np.array([sample.image(v, 0, 0.005, x, x, rng) for v in e]))
+    den, info = lowrank_denoise(od, var)
+    return e, od, var, den.reshape(e.size, -1).T, sample
+
+
+@pytest.fixture(scope="module")
+def fitter(lib):
+    return TenDqFitter(threshold=load_threshold(lib)).fit(lib)
+
+
+@pytest.fixture(scope="module")
+def shared(fitter, field):
+    """Batched and per-spectrum results of the field with a shared-offset window."""
+    e, _, _, ys, _ = field
+    return fitter.predict_many(e, ys, shared_offset=0.5), fitter._predict_many_loop(e, ys, 0.5)
+
+
+def test_background_matrix_is_remove_background(lib):
+    rng = np.random.default_rng(0)
+    e = np.arange(620.0, 670.0, 0.2)
+    for l3, l2 in ((640.0, 651.0), (639.3, 652.4)):
+        q = background_matrix(e, pre_edge_max=634.0, post_edge_min=659.0, l3=l3, l2=l2)
+        for _ in range(3):
+            y = rng.normal(size=e.size) + 0.01 * e
+            ref = remove_background(e, y, pre_edge_max=634.0, post_edge_min=659.0, l3=l3,
+                                    l2=l2)
+            assert np.abs(q @ y - ref).max() < 1e-10
+    # No background points: remove_background is not linear there.
+    assert background_matrix(e, pre_edge_max=500.0, post_edge_min=700.0, l3=640.0,
+                             l2=651.0) is None
+
+
+def test_lowrank_factors():
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=(200, 5)) @ rng.normal(size=(5, 60)) + 3.0
+    c, vt = lowrank_factors(y)
+    assert c.shape == (200, 6) and vt.shape == (6, 60)
+    assert np.abs(c @ vt - y).max() < 1e-9 * np.abs(y).max()
+    assert lowrank_factors(rng.normal(size=(200, 60))) is None
+
+
+def _same(a, b):
+    assert a.described == b.described
+    assert a.flags == b.flags
+    assert a.measure == b.measure
+    assert a.score == pytest.approx(b.score, abs=TOL, rel=TOL)
+    assert a.similarity == pytest.approx(b.similarity, abs=TOL)
+    if a.described:
+        assert a.ten_dq == pytest.approx(b.ten_dq, abs=TOL)
+        assert a.sd == pytest.approx(b.sd, abs=TOL)
+        assert a.offset == pytest.approx(b.offset, abs=TOL)
+    for m, v in a.extra["raw_per_measure"].items():
+        assert v == pytest.approx(b.extra["raw_per_measure"][m], abs=TOL)
+        assert a.per_measure_offset[m] == pytest.approx(b.per_measure_offset[m], abs=TOL)
+    for k in ("spin", "extra_fwhm", "step_shift", "noise_sigma"):
+        assert a.extra[k] == pytest.approx(b.extra[k], abs=TOL)
+    for k, v in a.extra["rejection"].items():
+        assert v == pytest.approx(b.extra["rejection"][k], abs=TOL, rel=TOL)
+
+
+def test_batched_map_equals_per_spectrum_path(fitter, field, shared):
+    """Shared-offset window (with its re-search of shifted pixels): the batched search gives
+    the per-spectrum path's answer for every pixel, decisions included."""
+    e, _, _, ys, sample = field
+    assert fitter._batch(e, ys[:8], 0.5) is not None  # the batched path is the one tested
+    batched, loop = shared
+    for a, b in zip(batched, loop, strict=True):
+        _same(a, b)
+    described = np.array([r.described for r in batched])
+    foreign = ~np.isfinite(sample.true_ten_dq_map().ravel())
+    # The field exercises both decisions, mostly right.
+    assert described.any() and (~described).any()
+    assert np.mean(described == ~foreign) > 0.8
+
+
+def test_batched_free_search_equals_predict(fitter, field):
+    """Without a shared window the batched search equals ``predict`` on each pixel."""
+    e, _, _, ys, _ = field
+    batched = fitter.predict_many(e, ys[::6])
+    for a, y in zip(batched, ys[::6], strict=True):
+        _same(a, fitter.predict(e, y))
+
+
+def test_batched_uncalibrated_subset_of_measures(lib, field):
+    e, _, _, ys, _ = field
+    f = TenDqFitter(measures=("pearson", "euclidean", "jsd"), threshold=None).fit(lib)
+    for a, b in zip(f.predict_many(e, ys[:12], shared_offset=0.3),
+                    f._predict_many_loop(e, ys[:12], 0.3), strict=True):
+        _same(a, b)
+        assert "uncalibrated" in a.flags
+
+
+def test_tendq_maps_from_batched_arrays(fitter, field, shared):
+    e, od, var, _, _ = field
+    maps = tendq_maps(fitter, e, od, var)
+    res = shared[0]
+    assert maps["ten_dq"].shape == od.shape[1:] and maps["rank"] >= 1
+    np.testing.assert_array_equal(maps["described"].ravel(), [r.described for r in res])
+    np.testing.assert_allclose(maps["ten_dq"].ravel(),
+                               [r.ten_dq if r.described else np.nan for r in res], atol=TOL)
+    np.testing.assert_allclose(maps["ten_dq_sd"].ravel(),
+                               [r.sd if r.described else np.nan for r in res], atol=TOL)
+    np.testing.assert_allclose(maps["offset"].ravel(),
+                               [r.per_measure_offset["pearson"] for r in res], atol=TOL)
+    np.testing.assert_allclose(maps["score"].ravel(), [r.score for r in res], rtol=TOL)
