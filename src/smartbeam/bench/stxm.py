@@ -16,7 +16,8 @@ Simulated in process from the twins' physics (no IOC, so beam time is the model'
 - multi-region field (``sim_devices.physics.stxm_xas``): per-pixel 10Dq RMS error inside
   the Mn2+ regions and the accuracy of the "described by the library" mask;
 - throughput: pixels/s of the moment analysis (100x100 pixels) and of the 10Dq map, in
-  process and on a 2-worker Dask LocalCluster. BLAS is pinned to one thread.
+  process (wall and thread CPU) and on a 2-worker Dask LocalCluster, and the time of one
+  100x100 10Dq map in process (``--tendq-map-size``). BLAS is pinned to one thread.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-line-prior", action="store_true",
                         help="choose energies with the zero-mean shape GPs (the previous "
                              "acquisition) instead of the edge-physics prior mean")
+    parser.add_argument("--tendq-map-size", type=int, default=None,
+                        help="also time one NxN 10Dq map in process, thread CPU and wall "
+                             "(default 100, quick 0 = skip)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
 
@@ -170,9 +174,9 @@ def _tendq_part(n: int, rng: np.random.Generator, dwell: float) -> dict:
     fitter = make_fitter()
     # Per-pixel estimate of the raw spectra (the previous method) beside the pooled one.
     raw = tendq_maps(fitter, e, od, denoise=False)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     maps = tendq_maps(fitter, e, od, var)
-    dt = time.perf_counter() - t0
+    dt, dc = time.perf_counter() - t0, time.thread_time() - c0
     truth = sample.true_ten_dq_map()
     mn2 = np.isfinite(truth)
     # Inside the regions: pixels whose 3x3 neighbourhood is one region.
@@ -204,8 +208,30 @@ def _tendq_part(n: int, rng: np.random.Generator, dwell: float) -> dict:
             "score_separable": (bool(maps["score"][foreign].min() > maps["score"][mn2].max())
                                 if foreign.any() else None),
             "tendq_pixels": int(n * n), "tendq_pixels_per_s": n * n / dt,
+            "tendq_pixels_per_s_thread_cpu": n * n / dc,
             "tendq_counts_per_pixel_dwell": float(sample.flux * dwell),
             "spectra": (e, od.reshape(e.size, -1).T)}
+
+
+def _tendq_map_timing(n: int, rng: np.random.Generator, dwell: float) -> dict:
+    """One NxN 10Dq map (denoised, shared offset) timed in process: thread CPU and wall."""
+    from sim_devices.physics.stxm_xas import STXMXASSample
+
+    from ..analysis.stack import optical_density, tendq_maps
+    from ..library_store import make_fitter
+
+    sample = STXMXASSample(shape=(n, n))
+    e = np.arange(632.0, 660.0, 0.2)
+    x = (np.arange(n) + 0.5) * sample.pixel_um
+    od, var = optical_density(np.array([sample.image(v, 0, dwell, x, x, rng) for v in e]))
+    fitter = make_fitter()
+    tendq_maps(fitter, e, od[:, :4, :4], var[:, :4, :4])  # compiled kernels loaded
+    t0, c0 = time.perf_counter(), time.thread_time()
+    maps = tendq_maps(fitter, e, od, var)
+    wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+    return {"pixels": int(n * n), "wall_s": wall, "thread_cpu_s": cpu,
+            "pixels_per_s_thread_cpu": n * n / cpu, "described_fraction":
+            float(np.mean(maps["described"])), "rank": int(maps["rank"])}
 
 
 def _moments_throughput(rng: np.random.Generator) -> float:
@@ -314,5 +340,9 @@ def run(args: argparse.Namespace) -> dict:
     out["moments_100x100_s"] = t_moments
     out["pixels_per_s"] = {"moments": px_moments, "tendq": tq["tendq_pixels_per_s"],
                            "tendq_dask": _dask_tendq(e, spectra)}
+    map_size = args.tendq_map_size if getattr(args, "tendq_map_size", None) is not None \
+        else (0 if quick else 100)
+    if map_size > 0:
+        out["tendq_map_timing"] = _tendq_map_timing(map_size, rng, dwell=0.005)
     out["quick"] = quick
     return out
