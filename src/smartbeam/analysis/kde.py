@@ -726,7 +726,9 @@ class _SearchPlan:
 
 
 def _nbytes(v) -> int:
-    return sum(a.nbytes for a in v.values()) if isinstance(v, dict) else v.nbytes
+    if isinstance(v, dict):
+        return sum(_nbytes(a) for a in v.values() if a is not None)
+    return int(v.nbytes)
 
 
 def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = "map",
@@ -850,8 +852,10 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
                        "cells": [None, None],
                        "spectra": [None, None], "ring_done": {}})
 
-    def ring_grid(sp: dict, j: int, sigma_ring: float) -> np.ndarray:
-        """Polar cells of half ``j`` filtered along the ring (cached per search)."""
+    def ring_grid(sp: dict, j: int, sigma_ring: float) -> np.ndarray | dict:
+        """Polar cells of half ``j`` filtered along the ring (cached per search); with the
+        row scorer, ``{"grid": RingGrid, "vals": {sigma_q: values at the scored pixels}}``.
+        """
         cells, spectra = sp["cells"], sp["spectra"]
         if cells[j] is None:
             cells[0], cells[1] = bin_cells(*sp["h32"], polar if scorer is None
@@ -866,18 +870,32 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
             if sigma_ring > 0 and spectra[j] is None:
                 spectra[j] = sfft.rfft(cells[j], axis=1)
             if scorer is not None:
-                # every sigma_q of this sigma_ring at once, at the scored pixels (one
-                # gather of the q windows; later search stages only look them up)
-                qs = sorted({k.sigma_q for k in candidates
-                             if k.kind == "ring" and k.sigma_ring == sigma_ring})
-                grid = dict(zip(qs, scorer.ring_at(
-                    scorer.ring_grid(spectra[j], cells[j], sigma_ring), qs), strict=True))
+                # the grid, and the values at the scored pixels of the sigma_q asked for
+                # so far (each costs a pass over the q windows: computed when a search
+                # stage needs it)
+                grid = {"grid": scorer.ring_grid(spectra[j], cells[j], sigma_ring),
+                        "vals": {}}
             elif sigma_ring > 0:
                 grid = polar.filter_ring(spectra[j], sigma_ring)
             else:
                 grid = cells[j]
             sp["ring_done"][key] = grid
         return sp["ring_done"][key]
+
+    n_q = {sr: len({k.sigma_q for k in candidates if k.kind == "ring" and k.sigma_ring == sr})
+           for sr in {k.sigma_ring for k in candidates if k.kind == "ring"}}
+
+    def scored_ring(sp: dict, j: int, sigma_ring: float, qs: Sequence[float]
+                    ) -> dict[float, np.ndarray]:
+        """Ring kernels of half ``j`` at the scored pixels, per sigma_q (cached)."""
+        ent = ring_grid(sp, j, sigma_ring)
+        missing = sorted(set(qs) - set(ent["vals"]))
+        if missing:
+            ent["vals"].update(zip(missing, scorer.ring_at(ent["grid"], missing),
+                                   strict=True))
+            if len(ent["vals"]) == n_q[sigma_ring]:
+                ent["grid"] = None  # every sigma_q done: the values are all that is needed
+        return ent["vals"]
 
     def ring_values(sp: dict, j: int, kern: Kernel) -> np.ndarray:
         cell_val = polar.filter_q(ring_grid(sp, j, kern.sigma_ring), kern.sigma_q)
@@ -910,7 +928,7 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
                 ring.setdefault(candidates[c].sigma_ring, []).append(c)
         for sr, cs in sorted(ring.items()):
             if scorer is not None:
-                at = ring_grid(sp, j, sr)
+                at = scored_ring(sp, j, sr, [candidates[c].sigma_q for c in cs])
                 vals.update((c, at[candidates[c].sigma_q]) for c in cs)
             else:
                 for c in cs:
