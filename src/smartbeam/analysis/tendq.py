@@ -432,12 +432,13 @@ class TenDqFitter:
         out.update(self._other_maps(ext, js))
         return out
 
-    def _other_maps(self, ext: np.ndarray, js: np.ndarray) -> dict[str, np.ndarray]:
-        """Maps of the measures other than Pearson (and DTW) at offsets ``js``."""
+    def _other_maps(self, ext: np.ndarray, js: np.ndarray, skip: frozenset[str] = frozenset()
+                    ) -> dict[str, np.ndarray]:
+        """Maps of the measures other than Pearson (and DTW, and ``skip``) at offsets ``js``."""
         lib = self.library
         assert lib is not None
         out = {}
-        others = (set(self.measures) | {"pearson"}) - set(_AT_BEST_WINDOW) - {"pearson"}
+        others = (set(self.measures) | {"pearson"}) - set(_AT_BEST_WINDOW) - {"pearson"} - skip
         if not others:
             return out
         win = sliding_window_view(ext, self.n, axis=1)[:, js]  # (M, J', n)

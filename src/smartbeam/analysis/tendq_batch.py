@@ -145,6 +145,41 @@ class _Basis:
         self.gram = np.einsum("rjt,sjt->jrs", wc, wc)  # (J, R, R)
         self._win = win
         self._rej: np.ndarray | None = None
+        self._lin: dict[str, np.ndarray] = {}
+        self._gram_raw: np.ndarray | None = None
+        self._sums = win.sum(axis=2)  # (R, J)
+
+    def gram_raw(self) -> np.ndarray:
+        """(J, R, R) Gram matrices of the (uncentred) windows."""
+        if self._gram_raw is None:
+            self._gram_raw = np.einsum("rjt,sjt->jrs", self._win, self._win)
+        return self._gram_raw
+
+    def linear_map(self, fitter, measure: str, c: np.ndarray, js: np.ndarray) -> np.ndarray:
+        """(m, J', BK) map of a linear measure (``euclidean`` or ``cosine``) of coefficient
+        rows ``c`` at offsets ``js``, from dot products of the basis windows with the
+        prepared library (the same formulas as :func:`~smartbeam.analysis.similarity.
+        dissimilarity`, evaluated through the low-rank form)."""
+        from .similarity import _unit_rows
+
+        lib_rows = fitter._prepared[measure]
+        if measure not in self._lin:
+            r_, j_, n = self._win.shape
+            ref = _unit_rows(lib_rows) if measure == "cosine" else lib_rows
+            self._lin[measure] = (self._win.reshape(r_ * j_, n) @ ref.T).reshape(r_, j_, -1)
+        m_ = len(c)
+        dots = (c @ self._lin[measure][:, js].reshape(c.shape[1], -1)).reshape(m_, len(js), -1)
+        sq = np.einsum("pr,jrs,ps->pj", c, self.gram_raw()[js], c, optimize=True)
+        if measure == "cosine":
+            norm = np.sqrt(np.clip(sq, 0.0, None))
+            inv = np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 1e-300)
+            return 1.0 - dots * inv[:, :, None]
+        area = c @ self._sums[:, js]  # (m, J')
+        ok = np.isfinite(area) & (np.abs(area) > 1e-300)
+        inv = np.divide(1.0, area, out=np.zeros_like(area), where=ok)
+        bb = (lib_rows * lib_rows).sum(axis=1)
+        d2 = (sq * inv * inv)[:, :, None] + bb[None, None, :] - 2.0 * dots * inv[:, :, None]
+        return np.sqrt(np.clip(d2, 0.0, None))
 
     def rej(self, fitter) -> np.ndarray:
         """(R, J, n_rejection_rows) dot products with the rejection stage's unit rows."""
@@ -305,7 +340,11 @@ def _estimate_block(fitter, e, y, c, basis: _Basis, js, step_shift, check_edge):
     n_b, n_k = len(fitter.extra_fwhm), len(lib.ten_dq)
     pre = c @ basis.rows  # (m, n_ext)
     maps = {"pearson": basis.pearson(c, js).reshape(m_, len(js), n_b, n_k)}
-    maps.update(fitter._other_maps(pre, js))
+    # Linear measures through the low-rank form; the others on the explicit windows.
+    linear = frozenset(m for m in ("euclidean", "cosine") if m in fitter.measures)
+    for meas in linear:
+        maps[meas] = basis.linear_map(fitter, meas, c, js).reshape(m_, len(js), n_b, n_k)
+    maps.update(fitter._other_maps(pre, js, skip=linear))
     per, per_off, per_sim, per_k, per_b, per_j = {}, {}, {}, {}, {}, {}
     for meas in fitter.measures:
         dq, off, j, b, k, dmin = _refine_rows(fitter, maps[meas], meas, js)
