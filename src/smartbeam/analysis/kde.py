@@ -868,7 +868,8 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
             while sp["ring_done"] and held + cells[j].nbytes > 100e6:
                 held -= _nbytes(sp["ring_done"].pop(next(iter(sp["ring_done"]))))
             if sigma_ring > 0 and spectra[j] is None:
-                spectra[j] = sfft.rfft(cells[j], axis=1)
+                spectra[j] = (sfft.rfft(cells[j], axis=1) if scorer is None
+                              else scorer.ring_spectrum(cells[j]))
             if scorer is not None:
                 # the grid, and the values at the scored pixels of the sigma_q asked for
                 # so far (each costs a pass over the q windows: computed when a search

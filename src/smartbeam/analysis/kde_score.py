@@ -332,7 +332,7 @@ class RowScorer:
         Parameters
         ----------
         spectrum
-            ``scipy.fft.rfft(cells, axis=1)`` (may be ``None`` when ``sigma_ring == 0``).
+            :meth:`ring_spectrum` of ``cells`` (may be ``None`` when ``sigma_ring == 0``).
         cells
             The polar cell sums ``(n_r, n_phi)``.
         sigma_ring
@@ -352,25 +352,50 @@ class RowScorer:
                                        int(np.ceil(2 * np.pi * r_max / (_ARC_STEP * sigma_ring)))),
                                    real=True)
         if n_out >= n_phi or m >= n_phi // 2 + 1:
-            # the full grid (exact); a truncated spectrum would be zero-padded again
-            vals = sfft.irfft(spectrum * polar.phi_transfer(sigma_ring), n=n_phi, axis=1)
+            # the full grid (exact)
+            prod = np.multiply(spectrum, self._transfer(sigma_ring, n_phi))
             n_out = n_phi
         else:
-            vals = sfft.irfft(spectrum[:, :m] * self._transfer(sigma_ring, m, n_out),
-                              n=n_out, axis=1)
+            # the first m harmonics (2 m - 1 packed values) in a shorter inverse
+            m = min(m, n_out // 2)
+            n_pack = 2 * m - 1
+            prod = np.zeros((spectrum.shape[0], n_out), np.float32)
+            np.multiply(spectrum[:, :n_pack], self._transfer(sigma_ring, n_pack),
+                        out=prod[:, :n_pack])
+        vals = cv2.dft(prod, flags=cv2.DFT_ROWS | cv2.DFT_INVERSE)
         # azimuth-major for the q windows: OpenCV's blocked transpose (~0.7 ms for the
         # 725 x 2304 grid at 1024^2, against ~3 ms for numpy's copy or ~2 ms more for an
         # inverse FFT along axis 0)
         return RingGrid(cv2.transpose(np.ascontiguousarray(vals, np.float32)), n_out,
                         sigma_ring)
 
-    def _transfer(self, sigma_ring: float, m: int, n_out: int) -> np.ndarray:
-        """First ``m`` harmonics of the ring transfer function, times ``n_out / n_phi``
-        (irfft divides by ``n_out``; the spectrum was taken over ``n_phi`` samples)."""
-        key = (float(sigma_ring), int(m), int(n_out))
+    def ring_spectrum(self, cells: np.ndarray) -> np.ndarray:
+        """Transform of polar cell sums along the ring, as :meth:`ring_grid` takes it.
+
+        OpenCV's real DFT of each row, packed (CCS: ``Re0, Re1, Im1, Re2, Im2, ...``),
+        float32 ``(n_r, n_phi)``: ~25 % faster than ``scipy.fft.rfft`` and its inverse on
+        these grids (one core), and a real transfer function multiplies it in one float32
+        pass.
+        """
+        return cv2.dft(np.ascontiguousarray(cells, np.float32), flags=cv2.DFT_ROWS)
+
+    def _transfer(self, sigma_ring: float, n_pack: int) -> np.ndarray:
+        """The ring transfer function in the packed layout of :meth:`ring_spectrum`
+        (each harmonic's value at its real and imaginary slot), first ``n_pack`` values,
+        divided by ``n_phi`` (the unscaled inverse of a forward transform over ``n_phi``
+        samples; cheaper than a scaled inverse, one pass less). Cached."""
+        key = (float(sigma_ring), int(n_pack))
         if key not in self._tf:
-            tf = self.polar.phi_transfer(sigma_ring)[:, :m]
-            self._tf[key] = np.ascontiguousarray(tf * np.float32(n_out / self.polar.n_phi))
+            n_phi = self.polar.n_phi
+            tf = self.polar.phi_transfer(sigma_ring) * np.float32(1.0 / n_phi)
+            ccs = np.empty((tf.shape[0], n_phi), np.float32)
+            k = (n_phi - 1) // 2  # harmonics with a real and an imaginary slot
+            ccs[:, 0] = tf[:, 0]
+            ccs[:, 1:2 * k + 1:2] = tf[:, 1:k + 1]
+            ccs[:, 2:2 * k + 2:2] = tf[:, 1:k + 1]
+            if n_phi % 2 == 0:
+                ccs[:, -1] = tf[:, n_phi // 2]  # Nyquist: real only
+            self._tf[key] = np.ascontiguousarray(ccs[:, :n_pack])
         return self._tf[key]
 
     def ring_at(self, grid: RingGrid, sigma_qs: Sequence[float]) -> list[np.ndarray]:
