@@ -133,3 +133,28 @@ def test_tendq_maps_from_batched_arrays(fitter, field, shared):
     np.testing.assert_allclose(maps["offset"].ravel(),
                                [r.per_measure_offset["pearson"] for r in res], atol=TOL)
     np.testing.assert_allclose(maps["score"].ravel(), [r.score for r in res], rtol=TOL)
+
+
+def test_pruned_offsets_keep_minimum_and_its_neighbours(fitter, field):
+    """Offsets skipped by the triangle-inequality bound never hold the minimum; computed
+    values equal the full map's; the refinement's neighbours are computed."""
+    from smartbeam.analysis.tendq_batch import _pruned_maps
+
+    e, _, _, ys, _ = field
+    pre = np.stack([fitter.preprocess(e, y) for y in ys[::3]])
+    js = np.arange(len(fitter.offsets))
+    full = fitter._other_maps(pre, js)
+    pruned = _pruned_maps(fitter, pre, js, frozenset({"jsd", "cityblock", "emd"}))
+    skipped = 0
+    for meas, p in pruned.items():
+        f = full[meas].reshape(len(pre), -1)
+        q = p.reshape(len(pre), -1)
+        done = np.isfinite(q)
+        skipped += int((~done).sum())
+        np.testing.assert_array_equal(q[done], f[done])
+        np.testing.assert_array_equal(np.argmin(q, axis=1), np.argmin(f, axis=1))
+        j, b, k = np.unravel_index(np.argmin(q, axis=1), p.shape[1:])
+        for dj in (-1, 1):
+            jn = np.clip(j + dj, 0, len(js) - 1)
+            assert np.isfinite(p[np.arange(len(pre)), jn, b, k]).all()
+    assert skipped > 0  # the bound prunes something on real spectra
