@@ -196,6 +196,51 @@ def _median_ms(fn, repeat: int, cpu: dict | None = None, key: str | None = None)
     return float(np.median(t))
 
 
+def _select_breakdown(x: np.ndarray, g: Geometry, rng: np.random.Generator,
+                      repeat: int = 9) -> dict:
+    """Thread-CPU medians (ms) of the pieces of a map selection at the scored rows.
+
+    One half unless named otherwise; a search runs every piece for both halves, ring
+    pieces once per sigma_ring it visits (``ring_at``: every sigma_q of that sigma_ring;
+    a search asks only for those it scores).
+    """
+    from smartbeam.analysis.kde_score import cv_band_sums
+    from smartbeam.analysis.kde_thin import bin_cells, thin_masked
+
+    def med(fn) -> float:
+        c = []
+        for _ in range(repeat):
+            c0 = time.thread_time()
+            fn()
+            c.append((time.thread_time() - c0) * 1e3)
+        return float(np.median(c))
+
+    sc = g.row_scorer(65536)
+    a, b = thin_masked(x, g, rng)
+    ca, _ = bin_cells(a, b, sc.polar)
+    spec = sc.ring_spectrum(ca)
+    out = {"scored_pixels": int(sc.idx.size),
+           "thin_both_halves": med(lambda: thin_masked(x, g, rng, out=(a, b))),
+           "pilot_iso2_at_scored_pixels": med(lambda: sc.iso(g.masked32(x, slot=0), [2.0])),
+           "bin_polar_both_halves": med(lambda: bin_cells(a, b, sc.polar)),
+           "ring_spectrum": med(lambda: sc.ring_spectrum(ca))}
+    rings = [k for k in DEFAULT_CANDIDATES if k.kind == "ring"]
+    for sr in sorted({k.sigma_ring for k in rings}):
+        qs = sorted({k.sigma_q for k in rings if k.sigma_ring == sr})
+        grid = sc.ring_grid(spec, ca, sr)
+        out[f"ring_grid_sr{sr:g}_n_out{grid.n_out}"] = med(lambda s=sr: sc.ring_grid(spec, ca, s))
+        out[f"ring_at_sr{sr:g}_{len(qs)}_sigma_q"] = med(lambda gr=grid, q=qs: sc.ring_at(gr, q))
+    sig = [k.sigma_q for k in DEFAULT_CANDIDATES if k.kind == "iso" and k.sigma_q > 0]
+    out[f"iso_{len(sig)}_sigmas"] = med(lambda: sc.iso(a, sig))
+    n = sc.idx.size
+    est = np.ones((8, n), np.float32)
+    r = np.ones(n)
+    band = g.band.ravel()[sc.idx]
+    out["cv_band_sums_8_candidates"] = med(lambda: cv_band_sums(
+        est, est, r, r, r, r, np.ones(n, bool), band, g.n_bands))
+    return out
+
+
 def _throughput(quick: bool, rng: np.random.Generator) -> dict:
     from smartbeam.analysis import kde_stream
 
@@ -319,6 +364,7 @@ def _throughput(quick: bool, rng: np.random.Generator) -> dict:
     out["select_ms_1024_iso_only_6"] = _median_ms(
         lambda: select_bandwidths(x1024, g1024, rng=rng, n_splits=1, candidates=iso_only), 3,
         cpu, "select_ms_1024_iso_only_6")
+    out["select_breakdown_cpu_ms_1024"] = _select_breakdown(x1024, g1024, rng)
     out["thread_cpu_ms_medians"] = {k: (1e3 / v if k.startswith(("accumulate", "fps")) else v)
                                     for k, v in cpu.items()}
     out["thread_cpu_note"] = ("same figures from thread CPU time (frames/s for accumulate_* "
