@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from smartbeam.analysis import tendq_batch
 from smartbeam.analysis.similarity import remove_background
 from smartbeam.analysis.stack import lowrank_denoise, optical_density, tendq_maps
 from smartbeam.analysis.tendq import TenDqFitter
@@ -11,6 +12,16 @@ from smartbeam.library_store import load_packaged_library, load_threshold
 
 # Differences allowed between the batched and the per-spectrum path: rounding only.
 TOL = 1e-9
+
+
+@pytest.fixture(scope="module", autouse=True)
+def batched_even_when_small():
+    """The test field is small: take the batched path even where the per-spectrum path
+    would be cheaper (the choice is tested on its own)."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(tendq_batch, "_BASIS_COST", 0.0)
+    yield
+    mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +169,12 @@ def test_pruned_offsets_keep_minimum_and_its_neighbours(fitter, field):
             jn = np.clip(j + dj, 0, len(js) - 1)
             assert np.isfinite(p[np.arange(len(pre)), jn, b, k]).all()
     assert skipped > 0  # the bound prunes something on real spectra
+
+
+def test_per_spectrum_path_for_raw_or_few_spectra(fitter, field, monkeypatch):
+    """Raw (full-rank) spectra, or fewer spectra than basis rows, are not batched."""
+    monkeypatch.setattr(tendq_batch, "_BASIS_COST", 1.5)
+    e, od, _, ys, _ = field
+    raw = od.reshape(e.size, -1).T
+    assert fitter._batch(e, raw, 0.5) is None
+    assert fitter._batch(e, ys[:4], 0.5) is None

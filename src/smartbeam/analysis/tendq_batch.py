@@ -37,6 +37,12 @@ __all__ = ["lowrank_factors", "predict_batch", "background_matrix"]
 MAX_RANK = 32
 #: Singular values below this fraction of the largest are rounding (dropped).
 RANK_TOL = 1e-11
+#: Cost of one basis row relative to one spectrum of the per-spectrum path (its products
+#: with the library at every offset, for the Pearson search, the rejection stage and the
+#: linear measures). Measured on subsets of the bench's denoised field (rank 5, ~4 peak
+#: groups, 3 variants: ~60 basis rows): the batched path is slower at 48 spectra, faster
+#: from 96 on.
+_BASIS_COST = 1.5
 #: Pixels per block (bounds the (pixels, offsets, entries) temporaries to ~100 MB).
 _CHUNK = 512
 
@@ -230,6 +236,11 @@ def predict_batch(fitter, e: np.ndarray, ys: np.ndarray, shared_offset: float | 
                      else np.full(n_p, -1))
     keys, group = np.unique(np.stack(peaks, axis=1), axis=0, return_inverse=True)
     group = group.ravel()
+    # Each (group, variant) costs about as much as searching its R basis rows directly:
+    # only worth it when the basis rows are fewer than the spectra (raw spectra, or few
+    # spectra with each its own edge maxima, go the per-spectrum way).
+    if len(keys) * n_s * coef.shape[1] * _BASIS_COST > n_p:
+        return None
     interp = _interp_matrix(fitter.grid_ext, e)  # (n_ext, K)
     bases: dict[tuple[int, int], _Basis] = {}
     for g, (i3, i2) in enumerate(keys):
