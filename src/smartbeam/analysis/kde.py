@@ -997,7 +997,8 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         rel_bands = np.where(sig2 > 0, np.sqrt(mse_best / sig2), np.nan)
         total = sig2[present].sum()
         rel = float(np.sqrt(mse_best[present].sum() / total)) if total > 0 else float("nan")
-    if not np.isfinite(x).all() or x.sum() == 0:
+    # no counts (validate_frame has rejected NaN/inf and negative counts)
+    if not x.any():
         rel = float("nan")
     speedup = float("nan")
     if Kernel.iso(0) in candidates and rel == rel:
