@@ -623,6 +623,10 @@ class TenDqFitter:
             under any measure falls on an edge of that window (e.g. a region with a
             chemical shift) is searched again over the whole range, so the window never
             forces an answer. ``None`` (default): each spectrum on its own.
+
+        Many spectra of low rank (the pixels of a denoised stack) are searched all at once
+        (:mod:`~smartbeam.analysis.tendq_batch`), with the per-spectrum answers up to
+        rounding.
         """
         self._check_fitted()
         e, ys = self._validated_many(energy, intensities, shared_offset)

@@ -18,9 +18,14 @@ rounding (the tests compare with the per-spectrum path):
   is a product of the pixel's coefficients with the basis rows' dot products, and the
   window norms are quadratic forms of the coefficients. Only the nonlinear measures
   (JSD, cityblock, EMD) and the rejection's final scores need the explicit spectra;
+- the metric measures (JSD distance, cityblock, EMD) are evaluated at every third offset
+  first; an offset in between is evaluated only where the triangle inequality,
+  ``d(w_j, x) >= d(w_j', x) - d(w_j, w_j')``, does not exclude it from holding the
+  minimum (the minimum, its position and every value the refinement reads stay exact);
 - the refinement, the rejection scores and the uncertainty are computed on arrays.
 
-Spectra that are not of low rank (raw pixels) use the per-spectrum path.
+Spectra that are not of low rank (raw pixels), or fewer than the basis rows they would
+need, use the per-spectrum path.
 """
 
 from __future__ import annotations
