@@ -436,7 +436,9 @@ def _window_distance(measure: str, a: np.ndarray, b: np.ndarray, step: float,
                      ) -> np.ndarray:
     """Distance (double precision) between rows ``a`` and ``b`` (same shape), as the
     measure defines it after its preparation. For JSD, ``log_a``/``log_b`` may give
-    ``ln max(a, 0)`` (computed once for overlapping windows)."""
+    ``ln max(a, 0)`` (computed once for overlapping windows); for cityblock they may give
+    the rows' areas, for EMD the areas with ``a``/``b`` the cumulative sums of the clipped
+    rows."""
     from .similarity import prepare
 
     if measure == "jsd":
@@ -453,6 +455,12 @@ def _window_distance(measure: str, a: np.ndarray, b: np.ndarray, step: float,
             tq = np.where(q > 0, q * (lq - lm), 0.0)
         js = 0.5 * (tp.sum(axis=1) + tq.sum(axis=1))
         return np.where(ok, np.sqrt(np.clip(js, 0.0, None) / np.log(2.0)), 1.0)
+    if log_a is not None:  # cityblock/EMD: rows given as (values, area) pairs
+        (va, sa), (vb, sb) = (a, log_a), (b, log_b)
+        ia = np.divide(1.0, sa, out=np.zeros_like(sa), where=np.abs(sa) > 1e-300)
+        ib = np.divide(1.0, sb, out=np.zeros_like(sb), where=np.abs(sb) > 1e-300)
+        d = np.abs(va * ia[:, None] - vb * ib[:, None]).sum(axis=1)
+        return step * d if measure == "emd" else d
     pa, pb = prepare(a, measure), prepare(b, measure)
     if measure == "emd":
         return step * np.abs(np.cumsum(pa, axis=1) - np.cumsum(pb, axis=1)).sum(axis=1)
@@ -480,6 +488,16 @@ def _pruned_maps(fitter, pre: np.ndarray, js: np.ndarray, measures) -> dict[str,
     win = sliding_window_view(pre, fitter.n, axis=1)[:, js]  # (m, J', n) view
     coarse = np.unique(np.r_[np.arange(0, n_j, _STRIDE), n_j - 1])
     logs = None
+    # Cityblock/EMD windows and their areas from one cumulative sum per spectrum (the
+    # window distances then need no normalisation or cumulative sum of their own).
+    n = fitter.n
+    c_raw = np.concatenate([np.zeros((m_, 1)), np.cumsum(pre, axis=1)], axis=1)
+    c_pos = np.concatenate([np.zeros((m_, 1)), np.cumsum(np.maximum(pre, 0.0), axis=1)],
+                           axis=1)
+    area_raw = (c_raw[:, n:] - c_raw[:, :-n])[:, js]  # (m, J')
+    area_pos = (c_pos[:, n:] - c_pos[:, :-n])[:, js]
+    # Cumulative sum inside window j: c_pos[j + 1 + t] - c_pos[j].
+    cum_win = sliding_window_view(c_pos[:, 1:], n, axis=1)[:, js]
     if "jsd" in measures:
         with np.errstate(divide="ignore"):
             logs = sliding_window_view(np.log(np.maximum(pre, 0.0)), fitter.n, axis=1)[:, js]
@@ -509,10 +527,19 @@ def _pruned_maps(fitter, pre: np.ndarray, js: np.ndarray, measures) -> dict[str,
             open_ = rows[~sure]
             lb = np.full((len(open_), n_b * n_k), -np.inf)
             for jn in (left[j], right[j]):
-                la, lb_ = (None, None) if meas != "jsd" else (logs[open_, j], logs[open_, jn])
+                if meas == "jsd":
+                    args = (win[open_, j], win[open_, jn], logs[open_, j], logs[open_, jn])
+                elif meas == "emd":
+                    args = (cum_win[open_, j] - c_pos[open_, js[j], None],
+                            cum_win[open_, jn] - c_pos[open_, js[jn], None],
+                            area_pos[open_, j], area_pos[open_, jn])
+                else:
+                    args = (win[open_, j], win[open_, jn], area_raw[open_, j],
+                            area_raw[open_, jn])
+                a_, b_, la, lb_ = args
                 # Widened: an upper bound of the distance despite rounding.
-                delta = _window_distance(meas, win[open_, j], win[open_, jn], fitter.step, la,
-                                         lb_) * (1.0 + _PRUNE_MARGIN) + 1e-12
+                delta = _window_distance(meas, a_, b_, fitter.step, la, lb_) * (
+                    1.0 + _PRUNE_MARGIN) + 1e-12
                 lb = np.maximum(lb, d[open_, jn] - delta[:, None])
             need = sure.copy()
             need[open_] = lb.min(axis=1) <= limit[open_]
