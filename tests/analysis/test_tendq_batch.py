@@ -178,3 +178,71 @@ def test_per_spectrum_path_for_raw_or_few_spectra(fitter, field, monkeypatch):
     raw = od.reshape(e.size, -1).T
     assert fitter._batch(e, raw, 0.5) is None
     assert fitter._batch(e, ys[:4], 0.5) is None
+
+
+# -- the linear map mode (Pearson, cosine, Euclidean from the low-rank coefficients) ------
+#: Largest 10Dq difference allowed between the linear-measures map and the all-measures
+#: map (consensus: median of 3 instead of 4 measures); the issue's map target is 0.05 eV RMS.
+LINEAR_MAX_DIFF_EV = 0.05
+LINEAR_RMS_DIFF_EV = 0.02
+
+
+def test_with_measures_equals_a_fitter_fitted_with_them(lib, fitter, field):
+    from smartbeam.analysis.tendq import LINEAR_MEASURES
+
+    e, _, _, ys, _ = field
+    sub = fitter.with_measures(LINEAR_MEASURES)
+    assert sub.measures == LINEAR_MEASURES and fitter.measures != LINEAR_MEASURES
+    assert sub.consensus == ("euclidean", "cosine", "pearson")
+    fresh = TenDqFitter(measures=LINEAR_MEASURES, threshold=fitter.threshold).fit(lib)
+    for a, b in zip(sub.predict_many(e, ys[:24], shared_offset=0.5),
+                    fresh.predict_many(e, ys[:24], shared_offset=0.5), strict=True):
+        _same(a, b)
+    # a measure the original did not prepare is prepared for the copy only
+    pe = TenDqFitter(measures=("pearson",), threshold=fitter.threshold).fit(lib)
+    assert "cosine" in pe.with_measures(("pearson", "cosine"))._prepared
+    assert "cosine" not in pe._prepared
+
+
+def test_linear_measures_batched_equal_per_spectrum_path(fitter, field):
+    """The linear mode takes the batched path, with the per-spectrum path's answers."""
+    from smartbeam.analysis.tendq import LINEAR_MEASURES
+
+    e, _, _, ys, _ = field
+    sub = fitter.with_measures(LINEAR_MEASURES)
+    assert sub._batch(e, ys, 0.5) is not None
+    for a, b in zip(sub.predict_many(e, ys, shared_offset=0.5),
+                    sub._predict_many_loop(e, ys, 0.5), strict=True):
+        _same(a, b)
+
+
+def test_linear_map_mode_close_to_all_measures_map(fitter, field):
+    e, od, var, _, sample = field
+    full = tendq_maps(fitter, e, od, var, measures="all")
+    fast = tendq_maps(fitter, e, od, var, measures="linear")
+    assert fast["measures"] == ("euclidean", "cosine", "pearson")
+    assert full["measures"] == fitter.measures
+    # Same rejection decisions, Pearson offsets; 10Dq within the stated tolerance.
+    np.testing.assert_array_equal(fast["described"], full["described"])
+    assert fast["described"].any() and (~fast["described"]).any()
+    np.testing.assert_allclose(fast["offset"], full["offset"], atol=TOL)
+    d = full["described"]
+    diff = fast["ten_dq"][d] - full["ten_dq"][d]
+    assert np.abs(diff).max() <= LINEAR_MAX_DIFF_EV
+    assert np.sqrt(np.mean(diff ** 2)) <= LINEAR_RMS_DIFF_EV
+    assert np.isnan(fast["ten_dq"][~d]).all() and np.isfinite(fast["ten_dq_sd"][d]).all()
+    # explicit tuple: the same as "linear"
+    tup = tendq_maps(fitter, e, od, var, measures=("euclidean", "cosine", "pearson"))
+    np.testing.assert_array_equal(tup["ten_dq"], fast["ten_dq"])
+
+
+def test_map_measures_bad_input(fitter, field):
+    from smartbeam.errors import SmartbeamInputError
+
+    e, od, var, _, _ = field
+    with pytest.raises(SmartbeamInputError, match="measures='fast'"):
+        tendq_maps(fitter, e, od, var, measures="fast")
+    with pytest.raises(SmartbeamInputError, match="expected one or more"):
+        fitter.with_measures(("pearson", "manhattan"))
+    with pytest.raises(SmartbeamInputError, match="expected one or more"):
+        fitter.with_measures(())

@@ -51,6 +51,7 @@ __all__ = [
     "CONSENSUS_MEASURES",
     "DEFAULT_EXTRA_FWHM",
     "DEFAULT_STEP_SHIFTS",
+    "LINEAR_MEASURES",
     "REJECTION_EXTRA_FWHM",
     "TenDqResult",
     "TenDqFitter",
@@ -63,6 +64,10 @@ __all__ = [
 
 #: Measures whose median is the consensus (EMD collapses under noise, DTW is slow).
 CONSENSUS_MEASURES = ("euclidean", "cosine", "pearson", "jsd")
+#: Measures a low-rank stack evaluates from its pixels' coefficients alone (linear in the
+#: spectrum up to one norm or area per window): the fast map mode of
+#: :func:`~smartbeam.analysis.stack.tendq_maps`.
+LINEAR_MEASURES = ("euclidean", "cosine", "pearson")
 #: Extra Gaussian FWHM (eV) of the library searched by default (resolution robustness).
 DEFAULT_EXTRA_FWHM = (0.0, 0.3, 0.5, 0.7)
 #: Edge-step positions (eV from the white-line maxima) tried by default.
@@ -367,6 +372,34 @@ class TenDqFitter:
         self.l2 = float(lib.energy[~lo][np.argmax(ref[~lo])])
         self.need = (self.l3 - 2.0, self.l2 + 2.0)
         return self
+
+    def with_measures(self, measures: tuple[str, ...]) -> TenDqFitter:
+        """A copy of this fitted estimator that evaluates only ``measures``.
+
+        The library tables are shared, not recomputed (measures this fitter did not
+        prepare are prepared). The consensus is the fitter's consensus measures among
+        ``measures`` (else the first of them); the threshold and search settings are kept.
+
+        Parameters
+        ----------
+        measures
+            Non-empty subset of :data:`~smartbeam.analysis.similarity.MEASURES`.
+        """
+        import copy
+
+        self._check_fitted()
+        measures = tuple(dict.fromkeys(measures))
+        if not measures or any(m not in MEASURES for m in measures):
+            raise SmartbeamInputError(f"measures={measures!r}: expected one or more of "
+                                      f"{MEASURES}")
+        new = copy.copy(self)
+        new.measures = measures
+        new.consensus = tuple(m for m in self.consensus if m in measures) or measures[:1]
+        missing = set(measures) - set(self._prepared)
+        if missing:
+            flat = self.spectra_b.reshape(-1, self.n)
+            new._prepared = dict(self._prepared) | {m: prepare(flat, m) for m in missing}
+        return new
 
     def _check_fitted(self) -> SpectrumLibrary:
         if self.library is None:

@@ -17,12 +17,22 @@ Simulated in process from the twins' physics (no IOC, so beam time is the model'
   the Mn2+ regions and the accuracy of the "described by the library" mask;
 - throughput: pixels/s of the moment analysis (100x100 pixels) and of the 10Dq map, in
   process (wall and thread CPU) and on a 2-worker Dask LocalCluster, and the time of one
-  100x100 10Dq map in process (``--tendq-map-size``). BLAS is pinned to one thread.
+  100x100 10Dq map in process (``--tendq-map-size``, median of ``--tendq-map-repeats``).
+  BLAS is pinned to one thread.
+
+The 10Dq maps are made in both measure modes of
+:func:`~smartbeam.analysis.stack.tendq_maps` (``"linear"``: Pearson, cosine, Euclidean
+from the low-rank coefficients; ``"all"``: the fitter's measures, with the nonlinear JSD,
+cityblock and EMD) on the same field in the same session (``tendq_modes``,
+``tendq_map_timing``); the headline figures are those of the map default
+(``tendq_map_default_measures``).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import os
 import time
 
 import numpy as np
@@ -52,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tendq-map-size", type=int, default=None,
                         help="also time one NxN 10Dq map in process, thread CPU and wall "
                              "(default 100, quick 0 = skip)")
+    parser.add_argument("--tendq-map-repeats", type=int, default=3,
+                        help="timed repeats of that map per measure mode (median)")
+    parser.add_argument("--dask-chunk", type=int, default=None,
+                        help="pixels per Dask 10Dq task (default: smartbeam reprocess's)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
 
@@ -161,34 +175,76 @@ def _moments_part(n: int, n_conv: int, dwell: float, rng: np.random.Generator,
     }
 
 
-def _tendq_part(n: int, rng: np.random.Generator, dwell: float) -> dict:
+def _map_modes() -> tuple[str, tuple[str, ...]]:
+    """The map default measure mode of ``tendq_maps`` and the modes measured."""
+    from ..analysis.stack import tendq_maps
+
+    default = inspect.signature(tendq_maps).parameters["measures"].default
+    return default, (default,) + tuple(m for m in ("linear", "all") if m != default)
+
+
+def _xas_field(n: int, rng: np.random.Generator, dwell: float):
     from sim_devices.physics.stxm_xas import STXMXASSample
 
-    from ..analysis.stack import optical_density, tendq_maps
-    from ..library_store import make_fitter
+    from ..analysis.stack import optical_density
 
     sample = STXMXASSample(shape=(n, n))
     e = np.arange(632.0, 660.0, 0.2)
     x = (np.arange(n) + 0.5) * sample.pixel_um
     od, var = optical_density(np.array([sample.image(v, 0, dwell, x, x, rng) for v in e]))
+    return sample, e, od, var
+
+
+def _tendq_part(n: int, rng: np.random.Generator, dwell: float) -> dict:
+    from scipy import ndimage
+
+    from ..analysis.stack import lowrank_denoise, tendq_maps
+    from ..library_store import make_fitter
+
+    sample, e, od, var = _xas_field(n, rng, dwell)
     fitter = make_fitter()
     # Per-pixel estimate of the raw spectra (the previous method) beside the pooled one.
-    raw = tendq_maps(fitter, e, od, denoise=False)
-    t0, c0 = time.perf_counter(), time.thread_time()
-    maps = tendq_maps(fitter, e, od, var)
-    dt, dc = time.perf_counter() - t0, time.thread_time() - c0
+    raw = tendq_maps(fitter, e, od, denoise=False, measures="all")
     truth = sample.true_ten_dq_map()
     mn2 = np.isfinite(truth)
     # Inside the regions: pixels whose 3x3 neighbourhood is one region.
-    from scipy import ndimage
-
     interior = ndimage.minimum_filter(sample.regions, 3) == ndimage.maximum_filter(
         sample.regions, 3)
-    sel = mn2 & interior & maps["described"]
-    sel_raw = mn2 & interior & raw["described"]
     foreign = ~mn2
-    return {"tendq_map_rmse_eV": _rmse(maps["ten_dq"][sel], truth[sel]),
+    default, modes = _map_modes()
+    per_mode, maps_of = {}, {}
+    for mode in modes:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        maps = tendq_maps(fitter, e, od, var, measures=mode)
+        dt, dc = time.perf_counter() - t0, time.thread_time() - c0
+        maps_of[mode] = maps
+        sel = mn2 & interior & maps["described"]
+        per_mode[mode] = {
+            "measures": list(maps["measures"]),
+            "tendq_map_rmse_eV": _rmse(maps["ten_dq"][sel], truth[sel]),
             "rejection_accuracy": float(np.mean(maps["described"] == mn2)),
+            "foreign_rejected_fraction": (float(np.mean(~maps["described"][foreign]))
+                                          if foreign.any() else None),
+            "mn2_described_fraction": float(np.mean(maps["described"][mn2])),
+            "pixels_per_s": n * n / dt, "pixels_per_s_thread_cpu": n * n / dc}
+    if "all" in maps_of:
+        ref = maps_of["all"]
+        for mode, maps in maps_of.items():
+            both = ref["described"] & maps["described"]
+            d = maps["ten_dq"][both] - ref["ten_dq"][both]
+            per_mode[mode]["vs_all_measures"] = {
+                "same_decisions": bool(np.array_equal(maps["described"], ref["described"])),
+                "ten_dq_rms_diff_eV": float(np.sqrt(np.mean(d ** 2))) if d.size else None,
+                "ten_dq_max_abs_diff_eV": float(np.abs(d).max()) if d.size else None}
+    maps = maps_of[default]
+    head = per_mode[default]
+    sel_raw = mn2 & interior & raw["described"]
+    # The Dask figure runs what reprocess runs: the pooled (denoised) pixel spectra.
+    den, _ = lowrank_denoise(od, var)
+    return {"tendq_map_rmse_eV": head["tendq_map_rmse_eV"],
+            "rejection_accuracy": head["rejection_accuracy"],
+            "tendq_map_default_measures": default,
+            "tendq_modes": per_mode,
             "tendq_denoise_rank": int(maps["rank"]),
             "tendq_effective_resolution_px": 1,
             "tendq_raw_per_pixel": {
@@ -198,40 +254,46 @@ def _tendq_part(n: int, rng: np.random.Generator, dwell: float) -> dict:
                                               if foreign.any() else None)},
             "foreign_phase": sample.foreign_ion or "made-up Lorentzian",
             "foreign_pixels": int(foreign.sum()),
-            "foreign_rejected_fraction": (float(np.mean(~maps["described"][foreign]))
-                                          if foreign.any() else None),
-            "mn2_described_fraction": float(np.mean(maps["described"][mn2])),
+            "foreign_rejected_fraction": head["foreign_rejected_fraction"],
+            "mn2_described_fraction": head["mn2_described_fraction"],
             "rejection_threshold": fitter.threshold,
             "score_median": {"mn2": float(np.median(maps["score"][mn2])),
                              "foreign": (float(np.median(maps["score"][foreign]))
                                          if foreign.any() else None)},
             "score_separable": (bool(maps["score"][foreign].min() > maps["score"][mn2].max())
                                 if foreign.any() else None),
-            "tendq_pixels": int(n * n), "tendq_pixels_per_s": n * n / dt,
-            "tendq_pixels_per_s_thread_cpu": n * n / dc,
+            "tendq_pixels": int(n * n), "tendq_pixels_per_s": head["pixels_per_s"],
+            "tendq_pixels_per_s_thread_cpu": head["pixels_per_s_thread_cpu"],
             "tendq_counts_per_pixel_dwell": float(sample.flux * dwell),
-            "spectra": (e, od.reshape(e.size, -1).T)}
+            "spectra": (e, den.reshape(e.size, -1).T)}
 
 
-def _tendq_map_timing(n: int, rng: np.random.Generator, dwell: float) -> dict:
-    """One NxN 10Dq map (denoised, shared offset) timed in process: thread CPU and wall."""
-    from sim_devices.physics.stxm_xas import STXMXASSample
-
-    from ..analysis.stack import optical_density, tendq_maps
+def _tendq_map_timing(n: int, rng: np.random.Generator, dwell: float, repeats: int) -> dict:
+    """One NxN 10Dq map (denoised, shared offset) timed in process per measure mode:
+    thread CPU and wall, medians of ``repeats``, with the load average beside them."""
+    from ..analysis.stack import tendq_maps
     from ..library_store import make_fitter
 
-    sample = STXMXASSample(shape=(n, n))
-    e = np.arange(632.0, 660.0, 0.2)
-    x = (np.arange(n) + 0.5) * sample.pixel_um
-    od, var = optical_density(np.array([sample.image(v, 0, dwell, x, x, rng) for v in e]))
+    _, e, od, var = _xas_field(n, rng, dwell)
     fitter = make_fitter()
-    tendq_maps(fitter, e, od[:, :4, :4], var[:, :4, :4])  # compiled kernels loaded
-    t0, c0 = time.perf_counter(), time.thread_time()
-    maps = tendq_maps(fitter, e, od, var)
-    wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
-    return {"pixels": int(n * n), "wall_s": wall, "thread_cpu_s": cpu,
-            "pixels_per_s_thread_cpu": n * n / cpu, "described_fraction":
-            float(np.mean(maps["described"])), "rank": int(maps["rank"])}
+    default, modes = _map_modes()
+    out: dict = {"default": default}
+    for mode in modes:
+        tendq_maps(fitter, e, od[:, :4, :4], var[:, :4, :4], measures=mode)  # kernels loaded
+        walls, cpus = [], []
+        for _ in tqdm(range(max(1, repeats)), desc=f"10Dq map {mode}", leave=False):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            maps = tendq_maps(fitter, e, od, var, measures=mode)
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.thread_time() - c0)
+        cpu = float(np.median(cpus))
+        out[mode] = {"pixels": int(n * n), "wall_s": float(np.median(walls)),
+                     "thread_cpu_s": cpu, "wall_s_all": walls, "thread_cpu_s_all": cpus,
+                     "pixels_per_s_thread_cpu": n * n / cpu,
+                     "described_fraction": float(np.mean(maps["described"])),
+                     "rank": int(maps["rank"]), "measures": list(maps["measures"]),
+                     "loadavg_after": list(os.getloadavg())}
+    return out
 
 
 def _moments_throughput(rng: np.random.Generator) -> float:
@@ -253,7 +315,7 @@ def _moments_throughput(rng: np.random.Generator) -> float:
     return 1e4 / float(np.median(times)), float(np.median(times))
 
 
-def _dask_tendq(e: np.ndarray, spectra: np.ndarray) -> float:
+def _dask_tendq(e: np.ndarray, spectra: np.ndarray, chunk: int) -> float:
     from dask.distributed import Client, LocalCluster
 
     from ..commands.reprocess import tendq_task
@@ -264,10 +326,17 @@ def _dask_tendq(e: np.ndarray, spectra: np.ndarray) -> float:
         client.gather([client.submit(tendq_task, e, spectra[:2], "Mn2+", pure=False)
                        for _ in range(2)])
         t0 = time.perf_counter()
-        futs = [client.submit(tendq_task, e, spectra[i:i + 32], "Mn2+", pure=False)
-                for i in range(0, len(spectra), 32)]
+        futs = [client.submit(tendq_task, e, spectra[i:i + chunk], "Mn2+", pure=False)
+                for i in range(0, len(spectra), chunk)]
         client.gather(futs)
         return len(spectra) / (time.perf_counter() - t0)
+
+
+def _reprocess_chunk() -> int:
+    """Pixels per 10Dq task of ``smartbeam reprocess`` (its ``--chunk`` default)."""
+    from ..commands.reprocess import DEFAULT_CHUNK
+
+    return DEFAULT_CHUNK
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -338,11 +407,15 @@ def run(args: argparse.Namespace) -> dict:
     px_moments, t_moments = _moments_throughput(rng)
     out.update(tq)
     out["moments_100x100_s"] = t_moments
+    chunk = getattr(args, "dask_chunk", None) or _reprocess_chunk()
     out["pixels_per_s"] = {"moments": px_moments, "tendq": tq["tendq_pixels_per_s"],
-                           "tendq_dask": _dask_tendq(e, spectra)}
+                           "tendq_dask": _dask_tendq(e, spectra, chunk)}
+    out["tendq_dask_chunk"] = chunk
     map_size = args.tendq_map_size if getattr(args, "tendq_map_size", None) is not None \
         else (0 if quick else 100)
     if map_size > 0:
-        out["tendq_map_timing"] = _tendq_map_timing(map_size, rng, dwell=0.005)
+        out["tendq_map_timing"] = _tendq_map_timing(
+            map_size, rng, dwell=0.005, repeats=getattr(args, "tendq_map_repeats", 3))
+    out["loadavg_end"] = list(os.getloadavg())
     out["quick"] = quick
     return out

@@ -29,6 +29,9 @@ __all__ = ["ANALYSIS_VERSION", "moments_task", "read_stack", "register", "reproc
 #: Bumped when the analysis changes, so a re-run writes a new analysis run.
 ANALYSIS_VERSION = 1
 ANALYSES = ("auto", "moments", "tendq")
+#: Pixels per 10Dq task: chunks of the pooled stack at least this large take the batched
+#: low-rank search (it pays from ~96 spectra on; see smartbeam.analysis.tendq_batch).
+DEFAULT_CHUNK = 256
 
 
 def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +54,8 @@ def register(subparsers) -> None:
     parser.add_argument("--workers", type=int, default=2, help="LocalCluster workers")
     parser.add_argument("--analysis", choices=ANALYSES, default="auto",
                         help="which analysis (auto: from the run's plan)")
-    parser.add_argument("--chunk", type=int, default=256, help="pixels per 10Dq task")
+    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
+                        help="pixels per 10Dq task")
     parser.add_argument("--force", action="store_true",
                         help="write a new analysis run even if one exists")
     parser.add_argument("--json", action="store_true", help="print JSON")
