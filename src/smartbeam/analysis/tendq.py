@@ -676,8 +676,11 @@ class TenDqFitter:
                                       f"in 0-{self.offset_range} eV (the offset range)")
         ys = np.atleast_2d(np.asarray(intensities, dtype=float))
         e, _ = validate_spectrum(energy, ys[0], self.need)
-        for i, y in enumerate(ys):
-            validate_spectrum(e, y, None, f"spectrum {i}")
+        # Every row passes when the shapes match and all is finite (the axis is checked);
+        # else the row by row check names the first bad one.
+        if ys.ndim != 2 or ys.shape[1] != e.size or not np.isfinite(ys).all():
+            for i, y in enumerate(ys):
+                validate_spectrum(e, y, None, f"spectrum {i}")
         return e, ys
 
     def _batch(self, e: np.ndarray, ys: np.ndarray, shared_offset: float | None
