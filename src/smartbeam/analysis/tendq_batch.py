@@ -50,6 +50,9 @@ RANK_TOL = 1e-11
 _BASIS_COST = 1.5
 #: Pixels per block (bounds the (pixels, offsets, entries) temporaries to ~100 MB).
 _CHUNK = 512
+#: Offsets kept on either side of a map's best one (the refinement reads +-1; +-2 keeps
+#: the neighbours of a minimum that rounding moves by one offset).
+_HALF = 2
 #: Pixels per sub-block of a reduction over the library (its products stay in cache:
 #: ~5x faster than one block-wide product then a pass over it, measured).
 _SUB = 64
@@ -277,25 +280,26 @@ class _Basis:
         area = np.einsum("pr,rp->p", c, self._sums[:, jj]) if measure == "euclidean" else None
         return self._values(measure, dots, sq, area, bb)
 
-    def local_map(self, fitter, measure: str, c: np.ndarray, js: np.ndarray,
-                  half: int = 2) -> np.ndarray:
-        """(m, J', BK) map of a linear measure at offsets ``js`` that holds values only
-        within ``half`` offsets of each row's best offset (``inf`` elsewhere).
+    def local_map(self, fitter, measure: str, c: np.ndarray, js: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """A linear measure's map at offsets ``js`` around each row's best offset only.
 
-        The minimum, its position and everything the refinement, the window-edge check
-        and the noise sd read (the best offset and its neighbours) are those of the full
-        map (:meth:`pearson`, :meth:`linear_map`), up to rounding; the full map costs
-        several passes over an array too large for the cache.
+        Returns ``(values, jlo)``: ``values[p, d]`` (BK) is the map at ``js`` index
+        ``jlo[p] + d`` for ``d < 2 * _HALF + 1`` (``inf`` outside ``js``), centred on the
+        best offset. The minimum, its position and everything the refinement, the
+        window-edge check and the noise sd read (the best offset and its neighbours) are
+        those of the full map (:meth:`pearson`, :meth:`linear_map`) up to rounding, without
+        the passes over a full map too large for the cache.
         """
         best = self.min_over_library(fitter, measure, c, js)
-        jbest = np.argmin(best, axis=1)
-        out = np.full((len(c), len(js), self.num.shape[2]), np.inf)
+        jlo = np.argmin(best, axis=1) - _HALF
+        out = np.full((len(c), 2 * _HALF + 1, self.num.shape[2]), np.inf)
         rows = np.arange(len(c))
-        for dj in range(-half, half + 1):
-            jn = jbest + dj
+        for d in range(2 * _HALF + 1):
+            jn = jlo + d
             ok = (jn >= 0) & (jn < len(js))
-            out[rows[ok], jn[ok]] = self.values_at(fitter, measure, c[ok], js[jn[ok]])
-        return out
+            out[rows[ok], d] = self.values_at(fitter, measure, c[ok], js[jn[ok]])
+        return out, jlo
 
     def rej(self, fitter) -> np.ndarray:
         """(R, J, n_rejection_rows) dot products with the rejection stage's unit rows."""
@@ -442,29 +446,45 @@ def _take(v, idx):
     return {k: _take(w, idx) for k, w in v.items()} if isinstance(v, dict) else v[idx]
 
 
-def _refine_rows(fitter, dmap: np.ndarray, measure: str, js: np.ndarray):
-    """:meth:`TenDqFitter._refine` of every map in ``dmap`` (m, J, B, K)."""
+def _localize(dmap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, jlo)`` (see :meth:`_Basis.local_map`) of a full (m, J, ...) map."""
+    m_, n_j = dmap.shape[:2]
+    jlo = np.unravel_index(np.argmin(dmap.reshape(m_, -1), axis=1), dmap.shape[1:])[0] - _HALF
+    out = np.full((m_, 2 * _HALF + 1) + dmap.shape[2:], np.inf)
+    rows = np.arange(m_)
+    for d in range(2 * _HALF + 1):
+        jn = jlo + d
+        ok = (jn >= 0) & (jn < n_j)
+        out[rows[ok], d] = dmap[rows[ok], jn[ok]]
+    return out, jlo
+
+
+def _refine_rows(fitter, local: np.ndarray, jlo: np.ndarray, measure: str, js: np.ndarray):
+    """:meth:`TenDqFitter._refine` of every local map ``local`` (m, W, B, K) (offsets
+    ``js[jlo + d]``); returns the offset index into ``js`` and the local one."""
     from .tendq import _SQUARE_FOR_FIT
 
     lib = fitter.library
-    f = dmap ** 2 if measure in _SQUARE_FOR_FIT else dmap
-    m_, n_j, n_b, n_k = f.shape
+    f = local ** 2 if measure in _SQUARE_FOR_FIT else local
+    m_, n_w, n_b, n_k = f.shape
     flat = np.argmin(f.reshape(m_, -1), axis=1)
-    j, b, k = np.unravel_index(flat, (n_j, n_b, n_k))
+    jl, b, k = np.unravel_index(flat, (n_w, n_b, n_k))
+    j = jlo + jl
+    n_j = len(js)
     rows = np.arange(m_)
     seg = lib.segment
     km, kp = np.clip(k - 1, 0, n_k - 1), np.clip(k + 1, 0, n_k - 1)
     ok_k = (k > 0) & (k < n_k - 1) & (seg[km] == seg[k]) & (seg[k] == seg[kp])
-    dk = np.where(ok_k, _quad_refine_rows(f[rows, j, b, km], f[rows, j, b, k],
-                                          f[rows, j, b, kp]), 0.0)
-    jm, jp = np.clip(j - 1, 0, n_j - 1), np.clip(j + 1, 0, n_j - 1)
-    ok_j = (j > 0) & (j < n_j - 1)
-    dj = np.where(ok_j, _quad_refine_rows(f[rows, jm, b, k], f[rows, j, b, k],
+    dk = np.where(ok_k, _quad_refine_rows(f[rows, jl, b, km], f[rows, jl, b, k],
+                                          f[rows, jl, b, kp]), 0.0)
+    jm, jp = np.clip(jl - 1, 0, n_w - 1), np.clip(jl + 1, 0, n_w - 1)
+    ok_j = (j > 0) & (j < n_j - 1) & (jl > 0) & (jl < n_w - 1)
+    dj = np.where(ok_j, _quad_refine_rows(f[rows, jm, b, k], f[rows, jl, b, k],
                                           f[rows, jp, b, k]), 0.0)
     step_dq = lib.ten_dq[1] - lib.ten_dq[0] if len(lib.ten_dq) > 1 else 0.0
     ten_dq = lib.ten_dq[k] + dk * step_dq
     offset = fitter.offsets[js[j]] + dj * fitter.step
-    return ten_dq, offset, j, b, k, dmap[rows, j, b, k]
+    return ten_dq, offset, j, jl, b, k, local[rows, jl, b, k]
 
 
 def _estimate_block(fitter, e, y, c, basis: _Basis, js, step_shift, check_edge):
@@ -476,19 +496,24 @@ def _estimate_block(fitter, e, y, c, basis: _Basis, js, step_shift, check_edge):
     pre = c @ basis.rows  # (m, n_ext)
     # Linear measures through the low-rank form, kept only around each pixel's minimum
     # (all that is read of them); the others on the explicit windows.
-    maps = {"pearson": basis.local_map(fitter, "pearson", c, js).reshape(
-        m_, len(js), n_b, n_k)}
+    # Every map as (values around its best offset, first offset index): all that is read
+    # of it (see _Basis.local_map).
+    shape = (m_, 2 * _HALF + 1, n_b, n_k)
+    maps = {}
     linear = frozenset(m for m in ("euclidean", "cosine") if m in fitter.measures)
-    for meas in linear:
-        maps[meas] = basis.local_map(fitter, meas, c, js).reshape(m_, len(js), n_b, n_k)
+    for meas in linear | {"pearson"}:
+        v, jlo = basis.local_map(fitter, meas, c, js)
+        maps[meas] = (v.reshape(shape), jlo)
     metric = frozenset(m for m in _METRIC if m in fitter.measures)
-    maps.update(fitter._other_maps(pre, js, skip=linear | metric))
-    maps.update(_pruned_maps(fitter, pre, js, metric))
-    per, per_off, per_sim, per_k, per_b, per_j = {}, {}, {}, {}, {}, {}
+    for meas, dmap in fitter._other_maps(pre, js, skip=linear | metric).items():
+        maps[meas] = _localize(dmap)
+    for meas, dmap in _pruned_maps(fitter, pre, js, metric).items():
+        maps[meas] = _localize(dmap)
+    per, per_off, per_sim, per_k, per_b, per_j, per_jl = {}, {}, {}, {}, {}, {}, {}
     for meas in fitter.measures:
-        dq, off, j, b, k, dmin = _refine_rows(fitter, maps[meas], meas, js)
+        dq, off, j, jl, b, k, dmin = _refine_rows(fitter, *maps[meas], meas, js)
         per[meas], per_off[meas], per_k[meas], per_b[meas] = dq, off, k, b
-        per_j[meas] = j
+        per_j[meas], per_jl[meas] = j, jl
         per_sim[meas] = np.asarray(similarity_from_dissimilarity(dmin, meas), dtype=float)
     at_edge = np.zeros(m_, dtype=bool)
     if check_edge:
@@ -496,8 +521,8 @@ def _estimate_block(fitter, e, y, c, basis: _Basis, js, step_shift, check_edge):
             fitter.offsets) - 1 else [])
         for meas in fitter.measures:
             # argmin of the map itself (not squared), as _at_window_edge
-            jm = np.unravel_index(np.argmin(maps[meas].reshape(m_, -1), axis=1),
-                                  maps[meas].shape[1:])[0]
+            v, jlo = maps[meas]
+            jm = jlo + np.unravel_index(np.argmin(v.reshape(m_, -1), axis=1), v.shape[1:])[0]
             for edge in edges:
                 at_edge |= jm == edge
     cons = np.stack([per[m] for m in fitter.consensus], axis=1)
@@ -523,8 +548,9 @@ def _estimate_block(fitter, e, y, c, basis: _Basis, js, step_shift, check_edge):
     # The points inside [lo, hi] of an increasing axis: one slice per pixel.
     i0 = np.searchsorted(e, lib.energy[0] + offset, side="left")
     i1 = np.maximum(np.searchsorted(e, lib.energy[-1] + offset, side="right"), i0)
-    pj, pb, pk = (per_j["pearson"], per_b["pearson"], per_k["pearson"]) if (
-        "pearson" in per_j) else _argmin3(maps["pearson"])
+    p_map = maps["pearson"][0]
+    pj, pb, pk = (per_jl["pearson"], per_b["pearson"], per_k["pearson"]) if (
+        "pearson" in per_j) else _argmin3(p_map)
     span, inverse = np.unique(np.stack([i0, i1], axis=1), axis=0, return_inverse=True)
     for u, (a, b_) in enumerate(span):
         rows = np.flatnonzero(inverse.ravel() == u)
@@ -533,7 +559,7 @@ def _estimate_block(fitter, e, y, c, basis: _Basis, js, step_shift, check_edge):
         if key.sum() >= 5:
             sigma[rows] = _noise_sigma_rows(y[rows][:, key])
         y_bg = _interp_rows(e[key], fitter.grid_ext, pre[rows])
-        sd_noise[rows] = _noise_sd_rows(fitter, maps["pearson"][rows], pj[rows], pb[rows],
+        sd_noise[rows] = _noise_sd_rows(fitter, p_map[rows], pj[rows], pb[rows],
                                         pk[rows], y_bg, sigma[rows])
     score, rej = _rejection_rows(fitter, e, y, c, pre, basis, offset)
     med = np.median(cons, axis=1)
