@@ -745,10 +745,18 @@ def _rejection_rows(fitter, e, y, c, pre, basis: _Basis, offset):
         rows = np.flatnonzero(j0 == j)
         jsr = np.arange(max(j - half, 0), min(j + half, 2 * fitter.n_shift) + 1)
         cc = c[rows]
-        rr = (cc @ dots[:, jsr].reshape(cc.shape[1], -1)).reshape(len(rows), len(jsr), -1)
-        rr *= basis.norms_inv(cc, jsr)[:, :, None]
-        jj, ii = np.unravel_index(np.argmax(rr.reshape(len(rows), -1), axis=1), rr.shape[1:])
-        jr[rows], idx[rows] = jsr[jj], ii
+        d = dots[:, jsr].reshape(cc.shape[1], -1)
+        inv = basis.norms_inv(cc, jsr)
+        # Best r = max over offsets of inv * (max over rows of the numerator) (inv >= 0),
+        # in cache-sized pixel sub-blocks.
+        for i in range(0, len(rows), _SUB):
+            num = (cc[i:i + _SUB] @ d).reshape(-1, len(jsr), dots.shape[2])
+            best = num.argmax(axis=2)
+            r = np.take_along_axis(num, best[:, :, None], axis=2)[:, :, 0] * inv[i:i + _SUB]
+            best[inv[i:i + _SUB] <= 0] = 0  # a flat window: r = 0 for every row
+            jj = np.argmax(r, axis=1)
+            sub = rows[i:i + _SUB]
+            jr[sub], idx[sub] = jsr[jj], best[np.arange(len(sub)), jj]
     off = fitter.offsets[jr]
     shape = np.full(m_, np.inf)
     branching = np.full(m_, np.inf)
