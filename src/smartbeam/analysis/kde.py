@@ -30,6 +30,7 @@ from .kde_filters import (
     masked_gaussian,
     ring_gaussian,
 )
+from .kde_mrgrid import MultiPolar
 from .kde_score import RowScorer, cv_band_sums
 from .kde_thin import bin_cells, thin_masked
 
@@ -217,6 +218,7 @@ class Geometry:
         self._mask_weight: dict[float, np.ndarray] = {}
         self._regions: dict[tuple, list] = {}
         self._score_polar: PolarGrid | None = None
+        self._score_grid: MultiPolar | None = None
         masked_flat = np.flatnonzero(~mask)
         self._masked_flat = masked_flat if masked_flat.size < mask.size // 4 else None
 
@@ -308,9 +310,10 @@ class Geometry:
         key = ("scorer", int(max_pixels))
         if key not in self._score_index:
             rows, idx = self.score_rows(max_pixels)
-            rho, phi = np.divmod(self.score_polar.cell.ravel()[idx], self.score_polar.n_phi)
+            grid = self.score_grid
+            rho, phi = grid.cell_azimuth(grid.cell.ravel()[idx])
             idx = idx[np.lexsort((rho, phi, self.band.ravel()[idx]))]
-            self._score_index[key] = RowScorer(self, rows, idx, self.score_polar)
+            self._score_index[key] = RowScorer(self, rows, idx, grid)
         return self._score_index[key]
 
     def masked32(self, frame: np.ndarray, slot: int | None = None) -> np.ndarray:
@@ -348,6 +351,21 @@ class Geometry:
             self._score_polar = (self.polar if n_phi >= self.polar.n_phi
                                  else PolarGrid(self.mask, self.centre, n_phi=n_phi))
         return self._score_polar
+
+    @property
+    def score_grid(self) -> MultiPolar:
+        """Multi-resolution polar grid of the ring kernels in the cross-validation of
+        large detectors (what :meth:`row_scorer` uses).
+
+        ``score_arc_px`` px of arc at the outer radius of each group of 128 radii
+        (:class:`~smartbeam.analysis.kde_mrgrid.MultiPolar`): the inner rings get fewer
+        cells than on :attr:`score_polar` (one resolution for all radii), ~half the cells
+        at 1024^2. Built on first use.
+        """
+        if self._score_grid is None:
+            self._score_grid = MultiPolar(self.mask, self.r, self.polar.phi,
+                                          arc_px=self.score_arc_px)
+        return self._score_grid
 
     def scratch(self, slot: int) -> np.ndarray:
         """A float32 work frame kept by the geometry (see :meth:`masked32`)."""
@@ -764,7 +782,7 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         pixels (whole detector rows, :meth:`Geometry.score_rows`; all of them on small
         detectors). The kernels are then evaluated at those pixels only
         (:class:`~smartbeam.analysis.kde_score.RowScorer`; ring kernels on
-        :attr:`Geometry.score_polar`). ``None``: every valid pixel.
+        :attr:`Geometry.score_grid`). ``None``: every valid pixel.
     search
         ``"full"``: score every candidate. ``"coarse"``: score a coarse subset (every
         third isotropic sigma, the corner ring kernels, always no smoothing), then, per
@@ -858,8 +876,8 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         """
         cells, spectra = sp["cells"], sp["spectra"]
         if cells[j] is None:
-            cells[0], cells[1] = bin_cells(*sp["h32"], polar if scorer is None
-                                           else scorer.polar)
+            cells[0], cells[1] = (bin_cells(*sp["h32"], polar) if scorer is None
+                                  else scorer.bin_halves(*sp["h32"]))
         key = (j, sigma_ring)
         if key not in sp["ring_done"]:
             # keep ring-filtered grids (or the row scorer's values from them, smaller) for
@@ -892,8 +910,16 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         ent = ring_grid(sp, j, sigma_ring)
         missing = sorted(set(qs) - set(ent["vals"]))
         if missing:
-            ent["vals"].update(zip(missing, scorer.ring_at(ent["grid"], missing),
-                                   strict=True))
+            # both halves in one pass (the search asks both for the same kernels)
+            other = ring_grid(sp, 1 - j, sigma_ring)
+            if other["grid"] is not None and not set(missing) & set(other["vals"]):
+                va, vb = scorer.ring_at_pair(ent["grid"], other["grid"], missing)
+                other["vals"].update(zip(missing, vb, strict=True))
+                if len(other["vals"]) == n_q[sigma_ring]:
+                    other["grid"] = None
+            else:
+                va = scorer.ring_at(ent["grid"], missing)
+            ent["vals"].update(zip(missing, va, strict=True))
             if len(ent["vals"]) == n_q[sigma_ring]:
                 ent["grid"] = None  # every sigma_q done: the values are all that is needed
         return ent["vals"]

@@ -181,20 +181,25 @@ def bin_cells(a: np.ndarray, b: np.ndarray, polar) -> tuple[np.ndarray, np.ndarr
     a, b
         float32 frames of the detector's shape (the two halves of a thinning).
     polar
-        :class:`smartbeam.analysis.kde_filters.PolarGrid` to bin into.
+        :class:`smartbeam.analysis.kde_filters.PolarGrid` (or
+        :class:`smartbeam.analysis.kde_mrgrid.MultiPolar`) to bin into.
 
     Returns
     -------
     cells_a, cells_b
-        float32 ``(n_r, n_phi)`` each.
+        float32 ``(n_r, n_phi)`` each (flat ``(n_cells,)`` for a ``MultiPolar``).
     """
     kern = _compiled()
     if kern is None:  # pragma: no cover - numba comes with the pinned stack
         return polar.to_cells(a), polar.to_cells(b)
     cell = polar.cell_index32()
-    n = polar.n_r * polar.n_phi
+    # a multi-resolution grid (kde_mrgrid.MultiPolar) has flat cells
+    flat = hasattr(polar, "n_cells")
+    n = polar.n_cells if flat else polar.n_r * polar.n_phi
     out = [np.empty(n + 1, np.float32) for _ in range(2)]
     kern[1](np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32), cell,
             out[0], out[1])
+    if flat:
+        return out[0][:n], out[1][:n]
     return out[0][:n].reshape(polar.n_r, polar.n_phi), out[1][:n].reshape(polar.n_r,
                                                                          polar.n_phi)
