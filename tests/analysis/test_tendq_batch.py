@@ -133,7 +133,7 @@ def test_batched_uncalibrated_subset_of_measures(lib, field):
 
 def test_tendq_maps_from_batched_arrays(fitter, field, shared):
     e, od, var, _, _ = field
-    maps = tendq_maps(fitter, e, od, var)
+    maps = tendq_maps(fitter, e, od, var, measures="all")
     res = shared[0]
     assert maps["ten_dq"].shape == od.shape[1:] and maps["rank"] >= 1
     np.testing.assert_array_equal(maps["described"].ravel(), [r.described for r in res])
@@ -234,6 +234,16 @@ def test_linear_map_mode_close_to_all_measures_map(fitter, field):
     # explicit tuple: the same as "linear"
     tup = tendq_maps(fitter, e, od, var, measures=("euclidean", "cosine", "pearson"))
     np.testing.assert_array_equal(tup["ten_dq"], fast["ten_dq"])
+
+
+def test_map_default_is_the_linear_mode(fitter, field):
+    import inspect
+
+    from smartbeam.analysis.tendq import MAP_MEASURES
+
+    assert inspect.signature(tendq_maps).parameters["measures"].default == MAP_MEASURES
+    e, od, var, _, _ = field
+    assert tendq_maps(fitter, e, od, var)["measures"] == ("euclidean", "cosine", "pearson")
 
 
 def test_map_measures_bad_input(fitter, field):

@@ -1247,7 +1247,7 @@ def lowrank_denoise(od: np.ndarray, var: np.ndarray, rank: int | None = None
 
 def tendq_maps(fitter, energy: np.ndarray, od: np.ndarray, var: np.ndarray | None = None,
                *, denoise: bool = True, rank: int | None = None,
-               shared_offset: float | None = 0.5, measures: str | tuple[str, ...] = "all"
+               shared_offset: float | None = 0.5, measures: str | tuple[str, ...] = "linear"
                ) -> dict[str, np.ndarray]:
     """Per-pixel 10Dq, its sd and the rejection mask of an OD stack.
 
@@ -1273,12 +1273,14 @@ def tendq_maps(fitter, energy: np.ndarray, od: np.ndarray, var: np.ndarray | Non
         :meth:`~smartbeam.analysis.tendq.TenDqFitter.predict_many`); ``None`` searches each
         pixel over the fitter's whole offset range.
     measures
-        Similarity measures of the estimate: ``"all"`` (the fitter's own), ``"linear"``
-        (those of :data:`~smartbeam.analysis.tendq.LINEAR_MEASURES`: Pearson, cosine,
-        Euclidean, which a denoised stack evaluates from its pixels' low-rank
-        coefficients alone -- many times faster than the nonlinear JSD, cityblock and EMD)
-        or a tuple of measure names. Fewer measures change the consensus (median of the
-        consensus measures among them) and its sd.
+        Similarity measures of the estimate: ``"linear"`` (default,
+        :data:`~smartbeam.analysis.tendq.MAP_MEASURES`: the fitter's measures among
+        :data:`~smartbeam.analysis.tendq.LINEAR_MEASURES`, Pearson, cosine, Euclidean,
+        which a denoised stack evaluates from its pixels' low-rank coefficients alone --
+        many times faster than the nonlinear JSD, cityblock and EMD), ``"all"`` (the
+        fitter's own) or a tuple of measure names (see
+        :meth:`~smartbeam.analysis.tendq.TenDqFitter.with_measures`). Fewer measures
+        change the consensus (median of the consensus measures among them) and its sd.
 
     Returns
     -------
@@ -1292,7 +1294,7 @@ def tendq_maps(fitter, energy: np.ndarray, od: np.ndarray, var: np.ndarray | Non
     if stack.ndim != 3 or stack.shape[0] != e.size:
         raise SmartbeamInputError(f"od of shape {stack.shape}: expected (K, ny, nx) with "
                                   f"K = {e.size} energies")
-    fitter = _map_fitter(fitter, measures)
+    fitter = fitter.with_measures(measures)
     used_rank = -1
     if denoise:
         if var is None:
@@ -1310,19 +1312,3 @@ def tendq_maps(fitter, energy: np.ndarray, od: np.ndarray, var: np.ndarray | Non
     maps["rank"] = used_rank
     maps["measures"] = tuple(fitter.measures)
     return maps
-
-
-def _map_fitter(fitter, measures: str | tuple[str, ...]):
-    """The fitter restricted to the measures ``tendq_maps`` was asked for."""
-    from .tendq import LINEAR_MEASURES
-
-    if isinstance(measures, str):
-        if measures == "all":
-            return fitter
-        if measures != "linear":
-            raise SmartbeamInputError(f"measures={measures!r}: expected 'all', 'linear' or "
-                                      "a tuple of measure names")
-        # Pearson always: the batched search places the window and picks the edge-step
-        # variant with it.
-        measures = tuple(m for m in fitter.measures if m in LINEAR_MEASURES) or ("pearson",)
-    return fitter.with_measures(tuple(measures))

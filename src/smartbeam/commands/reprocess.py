@@ -27,7 +27,7 @@ __all__ = ["ANALYSIS_VERSION", "moments_task", "read_stack", "register", "reproc
            "tendq_task"]
 
 #: Bumped when the analysis changes, so a re-run writes a new analysis run.
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2  # 2: 10Dq maps with the map default measures (linear)
 ANALYSES = ("auto", "moments", "tendq")
 #: Pixels per 10Dq task: chunks of the pooled stack at least this large take the batched
 #: low-rank search (it pays from ~96 spectra on; see smartbeam.analysis.tendq_batch).
@@ -103,21 +103,26 @@ def moments_task(energy: np.ndarray, images_plus: np.ndarray, images_minus: np.n
             "e_l3": m.e_l3, "e_l2": m.e_l2, "n_energies": m.n_energies}
 
 
-def tendq_task(energy: np.ndarray, spectra: np.ndarray, ion: str) -> dict[str, np.ndarray]:
-    """10Dq, sd, described flag and score of a chunk of pixel spectra (n, K)."""
+def tendq_task(energy: np.ndarray, spectra: np.ndarray, ion: str,
+               measures: str | tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """10Dq, sd, described flag and score of a chunk of pixel spectra (n, K).
+
+    ``measures``: as :func:`~smartbeam.analysis.stack.tendq_maps` (default its default,
+    :data:`~smartbeam.analysis.tendq.MAP_MEASURES`). A chunk of a pooled stack with at
+    least ~96 pixels takes the batched low-rank search.
+    """
     from threadpoolctl import threadpool_limits
 
+    from ..analysis.tendq import MAP_MEASURES
     from ..library_store import make_fitter
 
     with threadpool_limits(1):
-        fitter = _cached_fitter(ion, make_fitter)
+        fitter = _cached_fitter(ion, make_fitter).with_measures(
+            MAP_MEASURES if measures is None else measures)
         # pixels of one stack: one monochromator calibration (see tendq_maps)
-        res = fitter.predict_many(energy, spectra,
-                                  shared_offset=min(0.5, fitter.offset_range))
-    return {"ten_dq": np.array([r.ten_dq if r.described else np.nan for r in res]),
-            "ten_dq_sd": np.array([r.sd if r.described else np.nan for r in res]),
-            "described": np.array([r.described for r in res], dtype=np.int8),
-            "score": np.array([r.score for r in res], dtype=float)}
+        res = fitter.predict_map(energy, spectra, shared_offset=min(0.5, fitter.offset_range))
+    return {"ten_dq": res["ten_dq"], "ten_dq_sd": res["sd"],
+            "described": res["described"].astype(np.int8), "score": res["score"]}
 
 
 _FITTERS: dict[str, Any] = {}
