@@ -330,3 +330,17 @@ def test_repeated_frame_skipped_in_the_same_pass(dtype, add_path, monkeypatch):
     assert acc.add(big, skip_repeat=True)
     assert not acc.add(big, skip_repeat=True)
     np.testing.assert_array_equal(acc.total, 3 * f1.astype(np.int64) + f2 + 4)
+
+
+def test_emitted_ring_filter_with_opencv_equals_scipy_fft_path():
+    # the emitted ring smoothing runs OpenCV's packed real DFT (filter_cells_cv); it must
+    # equal the scipy.fft path (filter_cells) to float32 rounding (tolerance 1e-5 of the
+    # largest value), squared kernels (variance) included, on a sub-range of rows too
+    yy, xx = np.mgrid[0:120, 0:140]
+    mask = np.hypot(xx - 60.2, yy - 70.7) > 4
+    g = Geometry(mask, (60.2, 70.7))
+    cells = g.polar.to_cells(np.random.default_rng(9).poisson(20.0, mask.shape) * mask)
+    for q, sr, sq, a in ((1.0, 20.0, False, 0), (2.0, 3.0, True, 0), (0.0, 8.0, False, 17)):
+        ref = g.polar.filter_cells(cells[a:], q, sr, squared=sq, first_row=a)
+        got = g.polar.filter_cells_cv(cells[a:], q, sr, squared=sq, first_row=a)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())

@@ -71,3 +71,14 @@ def test_non_contiguous_mask_and_counts():
     a, b = thin_masked(x, g, np.random.default_rng(0))
     np.testing.assert_array_equal((a + b)[g.mask], x[g.mask])
     assert not a[~g.mask].any()
+
+
+def test_bin_frame_equals_float64_bincount():
+    from smartbeam.analysis.kde import Geometry
+    from smartbeam.analysis.kde_thin import bin_frame
+
+    yy, xx = np.mgrid[0:90, 0:110]
+    mask = np.hypot(xx - 50.3, yy - 40.1) > 5
+    g = Geometry(mask, (50.3, 40.1))
+    h = g.masked32(np.random.default_rng(3).poisson(7.0, mask.shape))
+    np.testing.assert_allclose(bin_frame(h, g.polar), g.polar.to_cells(h), rtol=1e-6)

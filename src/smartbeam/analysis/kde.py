@@ -32,7 +32,7 @@ from .kde_filters import (
 )
 from .kde_mrgrid import MultiPolar
 from .kde_score import RowScorer, cv_band_sums
-from .kde_thin import bin_cells, thin_masked
+from .kde_thin import bin_cells, bin_frame, thin_masked
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -147,6 +147,7 @@ class _Region:
     rows: tuple[int, int]  # polar rows (1-px radial cells) of its bands
     flat_sel: np.ndarray  # flat pixel indices of sel_full
     cell_of_sel: np.ndarray  # polar cell of each of those pixels
+    inv_px: tuple | None = None  # ((kernel, first row), ring normaliser at those pixels)
 
 
 class Geometry:
@@ -1146,7 +1147,7 @@ def apply_kernels(counts: np.ndarray, geometry: Geometry, kernels: Sequence[Kern
             _apply_iso_region(geometry.iso_filter(kern.sigma_q), masked, reg, out, var)
         else:
             if cells is None:
-                cells = geometry.polar.to_cells(masked)
+                cells = bin_frame(masked, geometry.polar)
             _apply_ring_region(geometry.polar, cells, kern, reg, out, var)
     return out, var
 
@@ -1186,15 +1187,19 @@ def _apply_ring_region(polar: PolarGrid, cells: np.ndarray, kern: Kernel, reg: _
     r0, r1 = reg.rows
     a, b = max(r0 - pad, 0), min(r1 + pad, polar.n_r)
     inv = polar.inv_den(kern.sigma_q, kern.sigma_ring)[a:b]
-    val = polar.filter_cells(cells[a:b], kern.sigma_q, kern.sigma_ring, first_row=a) * inv
+    val = polar.filter_cells_cv(cells[a:b], kern.sigma_q, kern.sigma_ring, first_row=a)
     local = reg.cell_of_sel - a * polar.n_phi
-    out.ravel()[reg.flat_sel] = val.ravel()[local]
+    # normalised at the pixels only (the grid has ~3x more cells than the region pixels
+    # at 2048^2); the normaliser at the pixels is cached with the region
+    if reg.inv_px is None or reg.inv_px[0] != (kern, a):
+        reg.inv_px = ((kern, a), inv.ravel()[local])
+    out.ravel()[reg.flat_sel] = val.ravel()[local] * reg.inv_px[1]
     if var is not None:
         # the density of each cell: the estimate times the valid pixels in it
-        dens = np.maximum(val, 0.0) * polar.n_cell[a:b]
-        v = polar.filter_cells(dens, kern.sigma_q, kern.sigma_ring, squared=True,
-                               first_row=a) * inv * inv
-        var.ravel()[reg.flat_sel] = v.ravel()[local]
+        dens = np.maximum(val * inv, 0.0) * polar.n_cell[a:b]
+        v = polar.filter_cells_cv(dens, kern.sigma_q, kern.sigma_ring, squared=True,
+                                  first_row=a)
+        var.ravel()[reg.flat_sel] = v.ravel()[local] * (reg.inv_px[1] * reg.inv_px[1])
 
 
 def _apply_kernels_reference(counts, geometry, kernels, backend, variance):

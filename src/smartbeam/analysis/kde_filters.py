@@ -286,6 +286,39 @@ class PolarGrid:
         tf = self.phi_transfer(sigma_ring, squared)[first_row:first_row + spectrum.shape[0]]
         return sfft.irfft(spectrum * tf, n=self.n_phi, axis=1)
 
+    def packed_transfer(self, sigma_ring: float, squared: bool = False) -> np.ndarray:
+        """:meth:`phi_transfer` in OpenCV's packed (CCS) layout of a real DFT of the rows
+        (``Re0, Re1, Im1, ...``: each harmonic's value at its real and imaginary slot),
+        divided by ``n_phi`` (for an unscaled inverse), float32 ``(n_r, n_phi)``. Cached.
+        """
+        key = ("ccs", float(sigma_ring), squared)
+        if key not in self._cache:
+            n_phi = self.n_phi
+            tf = self.phi_transfer(sigma_ring, squared) * np.float32(1.0 / n_phi)
+            ccs = np.empty((tf.shape[0], n_phi), np.float32)
+            k = (n_phi - 1) // 2
+            ccs[:, 0] = tf[:, 0]
+            ccs[:, 1:2 * k + 1:2] = tf[:, 1:k + 1]
+            ccs[:, 2:2 * k + 2:2] = tf[:, 1:k + 1]
+            if n_phi % 2 == 0:
+                ccs[:, -1] = tf[:, n_phi // 2]
+            self._cache[key] = ccs
+        return self._cache[key]
+
+    def filter_cells_cv(self, cells: np.ndarray, sigma_q: float, sigma_ring: float,
+                        squared: bool = False, first_row: int = 0) -> np.ndarray:
+        """:meth:`filter_cells` in float32 with OpenCV's packed real DFT along the ring
+        (forward, real transfer function multiplied in place, unscaled inverse): same
+        result to float32 rounding, ~2x faster than ``scipy.fft`` with its complex
+        spectrum on the emitted grids (one core)."""
+        out = np.ascontiguousarray(cells, np.float32)
+        if sigma_ring > 0:
+            spec = cv2.dft(out, flags=cv2.DFT_ROWS)
+            tf = self.packed_transfer(sigma_ring, squared)[first_row:first_row + len(out)]
+            np.multiply(spec, tf, out=spec)
+            out = cv2.dft(spec, flags=cv2.DFT_ROWS | cv2.DFT_INVERSE)
+        return self.filter_q(out, sigma_q, squared)
+
     def filter_q(self, cells: np.ndarray, sigma_q: float, squared: bool = False) -> np.ndarray:
         """Gaussian along q (the cell rows) of ``sigma_q`` px; 0 returns ``cells``."""
         if sigma_q <= 0:

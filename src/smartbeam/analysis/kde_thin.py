@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["bin_cells", "thin_masked"]
+__all__ = ["bin_cells", "bin_frame", "thin_masked"]
 
 _kernel = None  # the compiled kernel; False when numba is unavailable
 
@@ -116,11 +116,19 @@ def _compiled():
                 out_a[c] += fa[i]
                 out_b[c] += fb[i]
 
+        @numba.njit(nogil=True, cache=True)
+        def bin_one(a, cell, out_a):  # pragma: no cover - compiled
+            fa = a.reshape(-1)
+            fc = cell.reshape(-1)
+            out_a[:] = 0.0
+            for i in range(fc.size):
+                out_a[fc[i]] += fa[i]
+
         def thin_bin(x, keep, key, a_out, b_out):
             if thin_pass(x, keep, key, a_out, b_out):
                 thin_big(x, keep, key, a_out, b_out)
 
-        _kernel = (thin_bin, bin_scatter)
+        _kernel = (thin_bin, bin_scatter, bin_one)
     return _kernel or None
 
 
@@ -203,3 +211,19 @@ def bin_cells(a: np.ndarray, b: np.ndarray, polar) -> tuple[np.ndarray, np.ndarr
         return out[0][:n], out[1][:n]
     return out[0][:n].reshape(polar.n_r, polar.n_phi), out[1][:n].reshape(polar.n_r,
                                                                          polar.n_phi)
+
+
+def bin_frame(a: np.ndarray, polar) -> np.ndarray:
+    """Sums of one float32 frame (zero outside the mask) over the cells of a
+    :class:`smartbeam.analysis.kde_filters.PolarGrid`, float32 ``(n_r, n_phi)``.
+
+    Same result as ``polar.to_cells(a)`` (float32 sums instead of float64 ones): one pass
+    in pixel order, ~10x faster than the float64 ``bincount`` at 2048^2 (one core).
+    """
+    kern = _compiled()
+    if kern is None:  # pragma: no cover - numba comes with the pinned stack
+        return polar.to_cells(a)
+    n = polar.n_r * polar.n_phi
+    out = np.empty(n + 1, np.float32)
+    kern[2](np.ascontiguousarray(a, np.float32), polar.cell_index32(), out)
+    return out[:n].reshape(polar.n_r, polar.n_phi)
