@@ -6,6 +6,7 @@ import pytest
 from smartbeam.analysis.kde import (
     Geometry,
     Kernel,
+    apply_kernels,
     kde_estimate,
     predict_time_to_target,
     product_profile,
@@ -225,7 +226,8 @@ def test_negative_pixel_late_in_frame_leaves_sum_unchanged(add_path):
 
 
 def test_region_smoothing_equals_full_frame_per_kernel():
-    """apply_kernels smooths each band's box / polar rows only: same result as full frames."""
+    """apply_kernels smooths each band's box / polar rows only: same result as full frames
+    (small detector: the emitted ring kernels stay on the 1 px-of-arc grid, kde_emit)."""
     from smartbeam.analysis.kde import apply_kernels
 
     ny, nx = 120, 100
@@ -344,3 +346,42 @@ def test_emitted_ring_filter_with_opencv_equals_scipy_fft_path():
         ref = g.polar.filter_cells(cells[a:], q, sr, squared=sq, first_row=a)
         got = g.polar.filter_cells_cv(cells[a:], q, sr, squared=sq, first_row=a)
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("sigma_q, sigma_ring", [(1.0, 20.0), (4.0, 60.0), (0.0, 8.0)])
+def test_wide_ring_kernels_emitted_on_a_coarser_grid_match_the_1px_grid(sigma_q, sigma_ring,
+                                                                       monkeypatch):
+    # wide ring kernels are emitted from cells of sigma_ring / 5 px of arc, interpolated
+    # along the ring (kde_emit); against the 1 px-of-arc path (ring_gaussian), smoothed
+    # map and variance
+    from smartbeam.analysis import kde_emit
+    from smartbeam.analysis.kde_emit import coarse_n_phi
+
+    # the coarse path runs on large detectors only (n_phi >= MIN_N_PHI): lowered here to
+    # keep the test small
+    assert coarse_n_phi(1449, 9216, sigma_ring) is not None
+    monkeypatch.setattr(kde_emit, "MIN_N_PHI", 0)
+    n, c = 400, (190.3, 210.6)
+    yy, xx = np.mgrid[0:n, 0:n]
+    r = np.hypot(xx - c[0], yy - c[1])
+    phi = np.arctan2(yy - c[1], xx - c[0])
+    mask = r > 12
+    mask[50:60, 300:340] = False  # a dead patch
+    g = Geometry(mask, c, band_width_px=40)
+    mu = 30 * np.exp(-r / 90) * (1 + 0.5 * np.cos(r / 4)) * (1 + 0.3 * np.cos(2 * phi)) + 1
+    x = np.random.default_rng(5).poisson(mu)
+    assert coarse_n_phi(g.polar.n_r, g.polar.n_phi, sigma_ring) is not None
+    kern = Kernel.ring(sigma_q, sigma_ring)
+    sm, var = apply_kernels(x, g, [kern] * g.n_bands)
+    ref = smooth(x, g, kern)[0]
+    ref_var = smooth(x, g, kern, density=ref)[1]
+    m = g.mask
+    # measured: map <= 1.4e-3 RMS, 1.9e-3 max; variance <= 3.2e-3 RMS, 4.5e-3 max
+    for got, want, rms, top in ((sm, ref, 2e-3, 5e-3), (var, ref_var, 5e-3, 1e-2)):
+        d = got[m] - want[m]
+        assert np.sqrt(np.mean(d ** 2) / np.mean(want[m] ** 2)) < rms
+        assert np.abs(d).max() < top * np.abs(want[m]).max()
+    # and the error against the true pattern is unchanged (to 1%)
+    err = [np.sqrt(np.mean((e[m] - mu[m]) ** 2)) for e in (sm, ref)]
+    assert abs(err[0] / err[1] - 1) < 0.01
+    assert np.all(sm[~m] == 0)

@@ -23,6 +23,7 @@ import scipy.fft as sfft
 
 from smartbeam.errors import SmartbeamInputError
 
+from .kde_emit import coarse_n_phi, lerp_tables, lerp_to_pixels
 from .kde_filters import (
     IsoFilter,
     PolarGrid,
@@ -148,6 +149,7 @@ class _Region:
     flat_sel: np.ndarray  # flat pixel indices of sel_full
     cell_of_sel: np.ndarray  # polar cell of each of those pixels
     inv_px: tuple | None = None  # ((kernel, first row), ring normaliser at those pixels)
+    coarse: tuple | None = None  # ((kernel, first row, n_phi), kde_emit.lerp_tables)
 
 
 class Geometry:
@@ -220,6 +222,7 @@ class Geometry:
         self._regions: dict[tuple, list] = {}
         self._score_polar: PolarGrid | None = None
         self._score_grid: MultiPolar | None = None
+        self._ring_polars: dict[int, PolarGrid] = {}
         masked_flat = np.flatnonzero(~mask)
         self._masked_flat = masked_flat if masked_flat.size < mask.size // 4 else None
 
@@ -367,6 +370,15 @@ class Geometry:
             self._score_grid = MultiPolar(self.mask, self.r, self.polar.phi,
                                           arc_px=self.score_arc_px)
         return self._score_grid
+
+    def ring_polar(self, n_phi: int) -> PolarGrid:
+        """Polar grid of ``n_phi`` azimuthal cells for the emitted smoothing of wide ring
+        kernels (:mod:`.kde_emit`); the last two are cached."""
+        if n_phi not in self._ring_polars:
+            if len(self._ring_polars) >= 2:
+                self._ring_polars.pop(next(iter(self._ring_polars)))
+            self._ring_polars[n_phi] = PolarGrid(self.mask, self.centre, n_phi=n_phi)
+        return self._ring_polars[n_phi]
 
     def scratch(self, slot: int) -> np.ndarray:
         """A float32 work frame kept by the geometry (see :meth:`masked32`)."""
@@ -1153,6 +1165,10 @@ def apply_kernels(counts: np.ndarray, geometry: Geometry, kernels: Sequence[Kern
         elif kern.kind == "iso":
             _apply_iso_region(geometry.iso_filter(kern.sigma_q), masked, reg, out, var)
         else:
+            n_c = coarse_n_phi(geometry.polar.n_r, geometry.polar.n_phi, kern.sigma_ring)
+            if n_c is not None:
+                _apply_ring_region_coarse(geometry, masked, kern, reg, out, var, n_c)
+                continue
             if cells is None:
                 cells = bin_frame(masked, geometry.polar)
             _apply_ring_region(geometry.polar, cells, kern, reg, out, var)
@@ -1180,6 +1196,34 @@ def _apply_iso_region(f: IsoFilter, masked: np.ndarray, reg: _Region, out: np.nd
     if var is not None:
         v = f.variance_window(np.maximum(sm, 0.0, out=sm), ys, xs)
         np.copyto(var[box], v[inner], where=reg.sel_box)
+
+
+def _apply_ring_region_coarse(geometry: Geometry, masked: np.ndarray, kern: Kernel,
+                              reg: _Region, out: np.ndarray, var: np.ndarray | None,
+                              n_phi: int) -> None:
+    """:func:`_apply_ring_region` of a wide ring kernel on a coarser azimuthal grid
+    (:mod:`.kde_emit`), interpolated along the ring to the pixels."""
+    polar = geometry.ring_polar(n_phi)
+    rad = (gaussian_kernel_1d(kern.sigma_q).size // 2) if kern.sigma_q > 0 else 0
+    pad = 2 * rad if var is not None else rad
+    r0, r1 = reg.rows
+    a, b = max(r0 - pad, 0), min(r1 + pad, polar.n_r)
+    key = (kern, a, n_phi)
+    if reg.coarse is None or reg.coarse[0] != key:
+        rho = geometry.polar.r.ravel()[reg.flat_sel]
+        phi = geometry.polar.phi.ravel()[reg.flat_sel]
+        reg.coarse = (key, lerp_tables(rho, phi, n_phi, a))
+    cells = bin_frame(masked, polar)
+    inv = polar.inv_den(kern.sigma_q, kern.sigma_ring)[a:b]
+    val = polar.filter_cells_cv(cells[a:b], kern.sigma_q, kern.sigma_ring, first_row=a)
+    val *= inv
+    lerp_to_pixels(val, reg.coarse[1], reg.flat_sel, out)
+    if var is not None:
+        dens = np.maximum(val, 0.0) * polar.n_cell[a:b]
+        v = polar.filter_cells_cv(dens, kern.sigma_q, kern.sigma_ring, squared=True,
+                                  first_row=a)
+        v *= inv * inv
+        lerp_to_pixels(v, reg.coarse[1], reg.flat_sel, var)
 
 
 def _apply_ring_region(polar: PolarGrid, cells: np.ndarray, kern: Kernel, reg: _Region,
