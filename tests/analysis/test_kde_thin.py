@@ -83,21 +83,3 @@ def test_bin_frame_equals_float64_bincount():
     h = g.masked32(np.random.default_rng(3).poisson(7.0, mask.shape))
     np.testing.assert_allclose(bin_frame(h, g.polar), g.polar.to_cells(h), rtol=1e-6)
 
-
-def test_thin_and_bin_in_one_pass_equals_the_two_passes():
-    from smartbeam.analysis.kde import Geometry
-    from smartbeam.analysis.kde_thin import bin_cells, thin_masked, thin_masked_binned
-
-    yy, xx = np.mgrid[0:90, 0:110]
-    mask = np.hypot(xx - 50.3, yy - 40.1) > 5
-    g = Geometry(mask, (50.3, 40.1))
-    x = np.random.default_rng(3).poisson(7.0, mask.shape)
-    x[10, 10:14] = [64, 200, 5000, 70000]  # the > 63-count paths
-    for polar in (g.polar, g.score_grid):
-        a, b = thin_masked(x, g, np.random.default_rng(11))
-        ca, cb = bin_cells(a, b, polar)
-        a2, b2, ca2, cb2 = thin_masked_binned(x, g, np.random.default_rng(11), polar)
-        np.testing.assert_array_equal(a2, a)
-        np.testing.assert_array_equal(b2, b)
-        np.testing.assert_allclose(ca2, ca, rtol=1e-6)
-        np.testing.assert_allclose(cb2, cb, rtol=1e-6)

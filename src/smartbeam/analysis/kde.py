@@ -33,7 +33,7 @@ from .kde_filters import (
 )
 from .kde_mrgrid import MultiPolar
 from .kde_score import RowScorer, cv_band_sums
-from .kde_thin import bin_cells, bin_frame, thin_masked, thin_masked_binned
+from .kde_thin import bin_cells, bin_frame, thin_masked
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -166,9 +166,11 @@ class Geometry:
     sector
         ``(angle_deg, half_width_deg)`` of the sector product; both opposite sides are used.
     score_arc_px
-        Azimuthal cell size (px of arc at the outermost pixel) of the polar grid on which
-        the cross-validation of large detectors scores ring kernels (:attr:`score_polar`);
-        the emitted smoothing always uses ~1 px.
+        Azimuthal cell size (px of arc at the outer radius of each group of radii) of the
+        multi-resolution polar grid on which the cross-validation of large detectors
+        scores ring kernels (:attr:`score_grid`; :attr:`score_polar` is the same size at
+        the outermost pixel on one resolution); the emitted smoothing uses ~1 px, or
+        ~sigma_ring / 5 for wide ring kernels on large detectors (:mod:`.kde_emit`).
     """
 
     def __init__(self, mask: np.ndarray, centre: Sequence[float], *, band_width_px: float = 8.0,
@@ -869,15 +871,8 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
     scored_cells = polar.cell.ravel()[idx] if idx is not None else None
     splits = []
     for s_ in range(n_splits):
-        bufs = (geometry.scratch(2 + 2 * s_), geometry.scratch(3 + 2 * s_))
-        cells0 = [None, None]
-        if scorer is not None and any(k.kind == "ring" for k in candidates):
-            # the ring kernels' polar cells of both halves in the thinning pass
-            a_, b_, cells0[0], cells0[1] = thin_masked_binned(x, geometry, rng,
-                                                              scorer.polar, out=bufs)
-            h32 = [a_, b_]
-        else:
-            h32 = list(thin_masked(x, geometry, rng, out=bufs))
+        h32 = list(thin_masked(x, geometry, rng, out=(geometry.scratch(2 + 2 * s_),
+                                                       geometry.scratch(3 + 2 * s_))))
         prof = [profile(h) for h in h32]
         raw = [np.where(ok, p_.astype(np.float64), 0.0) for p_ in prof]
         # Poisson variance of one half's bin, estimated by its own (unbiased) counts
@@ -887,7 +882,7 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         # ring kernels: one FFT along the ring per half, one inverse per sigma_ring, shared
         # by every sigma_q (the candidates come grouped by sigma_ring)
         splits.append({"h32": h32, "prof": prof, "raw": raw, "noise": noise,
-                       "cells": cells0,
+                       "cells": [None, None],
                        "spectra": [None, None], "ring_done": {}})
 
     def ring_grid(sp: dict, j: int, sigma_ring: float) -> np.ndarray | dict:

@@ -8,21 +8,23 @@ instead of a full-frame convolution per candidate. The isotropic values equal th
 full-frame filters at the scored pixels (same truncated kernels, zero borders and mask
 normalisers), to float32 rounding.
 
-Ring kernels are evaluated on a polar grid of their own (:attr:`RowScorer.polar`, by
-default :meth:`smartbeam.analysis.kde.Geometry.score_polar`: ~2 px of arc at the outermost
-pixel instead of ~1 px, half the cells), filtered along the ring with OpenCV's packed real
-DFT only up to the harmonics the kernel keeps and sampled at ~sigma_ring / 5 px of arc
-(:meth:`RowScorer.ring_grid`, stored azimuth-major), then along q at the scored cells only,
-each reading a contiguous run of the grid (:meth:`RowScorer.ring_at`). They approximate the
-emitted smoothing (:func:`smartbeam.analysis.kde.apply_kernels`, 1 px-of-arc grid) to a
-few 0.1 % of the smoothed value; the coarser cells widen the narrowest ring kernel
-(sigma_ring = 3 px) by ~2 % at the detector corner (tests measure both).
+Ring kernels are evaluated on a polar grid of their own (:attr:`RowScorer.polar`). The
+row scorer of :meth:`smartbeam.analysis.kde.Geometry.row_scorer` uses the
+multi-resolution grid of :mod:`.kde_mrgrid` (~2 px of arc at the outer radius of each
+group of 128 radii: ~0.9 M cells at 1024^2 instead of 1.67 M for one resolution), filtered
+along the ring per group with OpenCV's packed real DFT only up to the harmonics the kernel
+keeps, then along q at the distinct scored cells only, both thinned halves in one pass
+(:meth:`RowScorer.ring_at_pair`). A uniform :class:`~.kde_filters.PolarGrid` (the default
+of :class:`RowScorer`) keeps the earlier path (:meth:`RowScorer.ring_grid`, stored
+azimuth-major, :meth:`RowScorer.ring_at`). Both approximate the emitted smoothing
+(:func:`smartbeam.analysis.kde.apply_kernels`) to a few 0.1 % of the smoothed value; the
+coarser cells widen the narrowest ring kernel (sigma_ring = 3 px) by ~2 % (tests measure
+both).
 
-Measured at 1024^2 (66k scored pixels, one core, thread CPU, load ~4 on 2 cores; ``smartbeam
-bench kde``, ``select_breakdown_cpu_ms_1024``): per half, the forward DFT of the polar grid
-~3 ms, a full-size ring grid (sigma_ring <= 8 px) ~5 ms with its transpose, a reduced one
-0.5-2 ms, the q windows of every sigma_q of one sigma_ring ~2.5 ms; the polar binning of
-both halves 6-9 ms (memory bound).
+Where the time goes at 1024^2 (one core, thread CPU; ``smartbeam bench kde``,
+``select_breakdown_cpu_ms_1024``): the q windows of the ring kernels (memory bound: each
+scored cell reads a run of its grid), the DFTs of the ring grids, the thinning and binning
+pass, the isotropic kernels at the scored rows.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["bin_cells", "bin_frame", "thin_masked", "thin_masked_binned"]
+__all__ = ["bin_cells", "bin_frame", "thin_masked"]
 
 _kernel = None  # the compiled kernel; False when numba is unavailable
 
@@ -117,51 +117,6 @@ def _compiled():
                 out_b[c] += fb[i]
 
         @numba.njit(nogil=True, cache=True)
-        def thin_bin_pass(x, keep, key, a_out, b_out, cell, ca, cb):  # pragma: no cover
-            # thin_pass and bin_scatter in one pass (the halves are not read back);
-            # pixels above 63 counts are left to thin_big and bin_big
-            xf = x.reshape(-1)
-            kf = keep.reshape(-1)
-            af = a_out.reshape(-1)
-            bf = b_out.reshape(-1)
-            fc = cell.reshape(-1)
-            ca[:] = 0.0
-            cb[:] = 0.0
-            big = 0
-            for i in range(xf.size):
-                n = np.int64(xf[i]) * np.int64(kf[i])
-                isbig = n > 63
-                big += isbig
-                nn = min(n, np.int64(63))
-                bits = splitmix(key + np.uint64(i)) & ((np.uint64(1) << np.uint64(nn))
-                                                       - np.uint64(1))
-                a = popcount(bits)
-                af[i] = a
-                bf[i] = n - a
-                if not isbig:
-                    c = fc[i]
-                    ca[c] += a
-                    cb[c] += n - a
-            return big
-
-        @numba.njit(nogil=True, cache=True)
-        def bin_big(x, keep, a_out, b_out, cell, ca, cb):  # pragma: no cover - compiled
-            xf = x.reshape(-1)
-            kf = keep.reshape(-1)
-            af = a_out.reshape(-1)
-            bf = b_out.reshape(-1)
-            fc = cell.reshape(-1)
-            for i in range(xf.size):
-                if np.int64(xf[i]) * np.int64(kf[i]) > 63:
-                    ca[fc[i]] += af[i]
-                    cb[fc[i]] += bf[i]
-
-        def thin_and_bin(x, keep, key, a_out, b_out, cell, ca, cb):
-            if thin_bin_pass(x, keep, key, a_out, b_out, cell, ca, cb):
-                thin_big(x, keep, key, a_out, b_out)
-                bin_big(x, keep, a_out, b_out, cell, ca, cb)
-
-        @numba.njit(nogil=True, cache=True)
         def bin_one(a, cell, out_a):  # pragma: no cover - compiled
             fa = a.reshape(-1)
             fc = cell.reshape(-1)
@@ -173,7 +128,7 @@ def _compiled():
             if thin_pass(x, keep, key, a_out, b_out):
                 thin_big(x, keep, key, a_out, b_out)
 
-        _kernel = (thin_bin, bin_scatter, bin_one, thin_and_bin)
+        _kernel = (thin_bin, bin_scatter, bin_one)
     return _kernel or None
 
 
@@ -218,41 +173,6 @@ def thin_masked(counts: np.ndarray, geometry, rng: np.random.Generator,
     key = np.uint64(rng.integers(0, 2**63, dtype=np.int64))
     kern[0](np.ascontiguousarray(x), geometry.mask_u8, key, a32, b32)
     return a32, b32
-
-
-def thin_masked_binned(counts: np.ndarray, geometry, rng: np.random.Generator, polar,
-                       out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple:
-    """:func:`thin_masked` and :func:`bin_cells` of its halves in one pass over the frame.
-
-    Same halves as :func:`thin_masked` with the same generator state (the same random
-    bits), and the same cell sums as :func:`bin_cells` (float32; summed in another order
-    for the pixels above 63 counts). Saves reading both halves back (~8 MB at 1024^2).
-
-    Returns
-    -------
-    a, b, cells_a, cells_b
-        As :func:`thin_masked` and :func:`bin_cells`.
-    """
-    kern = _compiled()
-    if kern is None:  # pragma: no cover - numba comes with the pinned stack
-        a, b = thin_masked(counts, geometry, rng, out)
-        return (a, b, *bin_cells(a, b, polar))
-    if out is None:
-        out = (np.empty(geometry.shape, np.float32), np.empty(geometry.shape, np.float32))
-    a32, b32 = out
-    x = np.asarray(counts)
-    if x.dtype.kind == "f":
-        x = np.rint(x).astype(np.int64)
-    key = np.uint64(rng.integers(0, 2**63, dtype=np.int64))
-    flat = hasattr(polar, "n_cells")
-    n = polar.n_cells if flat else polar.n_r * polar.n_phi
-    ca, cb = np.empty(n + 1, np.float32), np.empty(n + 1, np.float32)
-    kern[3](np.ascontiguousarray(x), geometry.mask_u8, key, a32, b32, polar.cell_index32(),
-            ca, cb)
-    ca, cb = ca[:n], cb[:n]
-    if not flat:
-        ca, cb = ca.reshape(polar.n_r, polar.n_phi), cb.reshape(polar.n_r, polar.n_phi)
-    return a32, b32, ca, cb
 
 
 def bin_cells(a: np.ndarray, b: np.ndarray, polar) -> tuple[np.ndarray, np.ndarray]:

@@ -217,9 +217,12 @@ def _select_breakdown(x: np.ndarray, g: Geometry, rng: np.random.Generator,
 
     sc = g.row_scorer(65536)
     a, b = thin_masked(x, g, rng)
-    ca, _ = bin_cells(a, b, sc.polar)
+    ca, cb = bin_cells(a, b, sc.polar)
     spec = sc.ring_spectrum(ca)
+    spec_b = sc.ring_spectrum(cb)
     out = {"scored_pixels": int(sc.idx.size),
+           "scored_ring_cells": int(sc._rho.size),
+           "scoring_grid_cells": int(ca.size),
            "thin_both_halves": med(lambda: thin_masked(x, g, rng, out=(a, b))),
            "pilot_iso2_at_scored_pixels": med(lambda: sc.iso(g.masked32(x, slot=0), [2.0])),
            "bin_polar_both_halves": med(lambda: bin_cells(a, b, sc.polar)),
@@ -228,8 +231,12 @@ def _select_breakdown(x: np.ndarray, g: Geometry, rng: np.random.Generator,
     for sr in sorted({k.sigma_ring for k in rings}):
         qs = sorted({k.sigma_q for k in rings if k.sigma_ring == sr})
         grid = sc.ring_grid(spec, ca, sr)
-        out[f"ring_grid_sr{sr:g}_n_out{grid.n_out}"] = med(lambda s=sr: sc.ring_grid(spec, ca, s))
+        grid_b = sc.ring_grid(spec_b, cb, sr)
+        n_out = int(np.max(grid.n_out))  # per group of radii on a multi-resolution grid
+        out[f"ring_grid_sr{sr:g}_n_out{n_out}"] = med(lambda s=sr: sc.ring_grid(spec, ca, s))
         out[f"ring_at_sr{sr:g}_{len(qs)}_sigma_q"] = med(lambda gr=grid, q=qs: sc.ring_at(gr, q))
+        out[f"ring_at_pair_sr{sr:g}_{len(qs)}_sigma_q_both_halves"] = med(
+            lambda gr=grid, gb=grid_b, q=qs: sc.ring_at_pair(gr, gb, q))
     sig = [k.sigma_q for k in DEFAULT_CANDIDATES if k.kind == "iso" and k.sigma_q > 0]
     out[f"iso_{len(sig)}_sigmas"] = med(lambda: sc.iso(a, sig))
     n = sc.idx.size
