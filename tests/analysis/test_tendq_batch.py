@@ -256,3 +256,38 @@ def test_map_measures_bad_input(fitter, field):
         fitter.with_measures(("pearson", "manhattan"))
     with pytest.raises(SmartbeamInputError, match="expected one or more"):
         fitter.with_measures(())
+
+
+def test_local_maps_keep_minimum_and_neighbours(fitter, field):
+    """The linear measures' maps around each pixel's best offset: the full map's values
+    there, the full map's minimum and position; the min over the library per offset is
+    the full map's (Pearson's bitwise: max of the numerator times a non-negative norm)."""
+    from smartbeam.analysis.tendq_batch import _HALF, _Basis, background_matrix
+
+    e, _, _, ys, _ = field
+    c, vt = lowrank_factors(ys)
+    r = fitter.offset_range
+    q = background_matrix(e, pre_edge_max=fitter.onset - r - 0.5,
+                          post_edge_min=fitter.end + r + 0.5, l3=fitter.l3, l2=fitter.l2)
+    interp = tendq_batch._interp_matrix(fitter.grid_ext, e)
+    basis = _Basis(fitter, (vt @ q.T) @ interp.T)
+    js = np.arange(3, len(fitter.offsets) - 5)
+    rows = np.arange(len(c))
+    for meas in ("pearson", "cosine", "euclidean"):
+        full = basis.pearson(c, js) if meas == "pearson" else basis.linear_map(
+            fitter, meas, c, js)
+        mins = basis.min_over_library(fitter, meas, c, js)
+        if meas == "pearson":
+            np.testing.assert_array_equal(mins, full.min(axis=2))
+        np.testing.assert_allclose(mins, full.min(axis=2), rtol=1e-12, atol=1e-12)
+        local, jlo = basis.local_map(fitter, meas, c, js)
+        jbest, kbest = np.unravel_index(np.argmin(full.reshape(len(c), -1), axis=1),
+                                        full.shape[1:])
+        np.testing.assert_array_equal(jlo + _HALF, jbest)
+        for d in range(2 * _HALF + 1):
+            jn = jlo + d
+            ok = (jn >= 0) & (jn < len(js))
+            np.testing.assert_allclose(local[rows[ok], d], full[rows[ok], jn[ok]],
+                                       rtol=1e-12, atol=1e-12)
+            assert np.isinf(local[rows[~ok], d]).all()
+        np.testing.assert_array_equal(local[rows, _HALF].argmin(axis=1), kbest)

@@ -102,3 +102,33 @@ def test_tendq_reprocess_splits_pixels_over_workers(storage, client):
     assert maps["ten_dq"].shape == (1, ny, nx)
     assert maps["described"].all()
     np.testing.assert_allclose(maps["ten_dq"][0], dq, atol=0.1)
+
+
+def test_tendq_task_is_the_map_of_its_chunk():
+    """A task's arrays are tendq_maps' on the same (pooled) pixels, map default measures;
+    ``measures="all"`` gives the all-measures map."""
+    from sim_devices.physics.stxm_xas import STXMXASSample
+    from smartbeam.analysis.stack import lowrank_denoise, optical_density, tendq_maps
+    from smartbeam.commands.reprocess import MIN_CHUNK, tendq_chunk, tendq_task
+    from smartbeam.library_store import make_fitter
+
+    assert MIN_CHUNK >= 96  # chunks of the pooled stack take the batched search
+    assert tendq_chunk(10_000, 2) == 5000 and tendq_chunk(1000, 8) == MIN_CHUNK
+    assert tendq_chunk(1025, 4) == MIN_CHUNK + 1
+    n = 6
+    sample = STXMXASSample(shape=(n, n))
+    e = np.arange(632.0, 660.0, 0.25)
+    x = (np.arange(n) + 0.5) * sample.pixel_um
+    rng = np.random.default_rng(3)
+    od, var = optical_density(np.array([sample.image(v, 0, 0.005, x, x, rng) for v in e]))
+    den, _ = lowrank_denoise(od, var)
+    spectra = den.reshape(e.size, -1).T
+    fitter = make_fitter()
+    for measures in (None, "all"):
+        task = tendq_task(e, spectra, "Mn2+", measures)
+        maps = tendq_maps(fitter, e, den, denoise=False,
+                          **({} if measures is None else {"measures": measures}))
+        for key, ref in (("ten_dq", "ten_dq"), ("ten_dq_sd", "ten_dq_sd"),
+                         ("score", "score")):
+            np.testing.assert_allclose(task[key], maps[ref].ravel(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(task["described"], maps["described"].ravel())

@@ -280,8 +280,8 @@ class _Basis:
         area = np.einsum("pr,rp->p", c, self._sums[:, jj]) if measure == "euclidean" else None
         return self._values(measure, dots, sq, area, bb)
 
-    def local_map(self, fitter, measure: str, c: np.ndarray, js: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
+    def local_map(self, fitter, measure: str, c: np.ndarray, js: np.ndarray,
+                  best: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """A linear measure's map at offsets ``js`` around each row's best offset only.
 
         Returns ``(values, jlo)``: ``values[p, d]`` (BK) is the map at ``js`` index
@@ -291,7 +291,8 @@ class _Basis:
         those of the full map (:meth:`pearson`, :meth:`linear_map`) up to rounding, without
         the passes over a full map too large for the cache.
         """
-        best = self.min_over_library(fitter, measure, c, js)
+        if best is None:  # else given: (m, J') minima over the library, computed already
+            best = self.min_over_library(fitter, measure, c, js)
         jlo = np.argmin(best, axis=1) - _HALF
         out = np.full((len(c), 2 * _HALF + 1, self.num.shape[2]), np.inf)
         rows = np.arange(len(c))
@@ -424,7 +425,8 @@ def _estimate(fitter, e, ys, coef, group, bases, per_offset, js, pix, check_edge
             sel = pix[(group[pix] == g) & (best == s)]
             for ch in _chunks(sel):
                 res = _estimate_block(fitter, e, ys[ch], coef[ch], bases[g, s], js,
-                                      fitter.step_shifts[s], check_edge)
+                                      fitter.step_shifts[s], check_edge,
+                                      per_offset[ch, s][:, js])
                 if out is None:
                     out = _empty_like(res, len(ys))
                 _assign(out, res, ch)
@@ -487,7 +489,8 @@ def _refine_rows(fitter, local: np.ndarray, jlo: np.ndarray, measure: str, js: n
     return ten_dq, offset, j, jl, b, k, local[rows, jl, b, k]
 
 
-def _estimate_block(fitter, e, y, c, basis: _Basis, js, step_shift, check_edge):
+def _estimate_block(fitter, e, y, c, basis: _Basis, js, step_shift, check_edge,
+                    pearson_min: np.ndarray | None = None):
     from .similarity import similarity_from_dissimilarity
 
     lib = fitter.library
@@ -502,7 +505,9 @@ def _estimate_block(fitter, e, y, c, basis: _Basis, js, step_shift, check_edge):
     maps = {}
     linear = frozenset(m for m in ("euclidean", "cosine") if m in fitter.measures)
     for meas in linear | {"pearson"}:
-        v, jlo = basis.local_map(fitter, meas, c, js)
+        # Pearson's minima per offset are those of the variant search (per_offset).
+        v, jlo = basis.local_map(fitter, meas, c, js,
+                                 pearson_min if meas == "pearson" else None)
         maps[meas] = (v.reshape(shape), jlo)
     metric = frozenset(m for m in _METRIC if m in fitter.measures)
     for meas, dmap in fitter._other_maps(pre, js, skip=linear | metric).items():

@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tendq-map-repeats", type=int, default=3,
                         help="timed repeats of that map per measure mode (median)")
     parser.add_argument("--dask-chunk", type=int, default=None,
-                        help="pixels per Dask 10Dq task (default: smartbeam reprocess's)")
+                        help="pixels per Dask 10Dq task (default: smartbeam reprocess's, "
+                             "one task per worker, at least its MIN_CHUNK)")
     parser.add_argument("--json", action="store_true", help="print JSON only")
 
 
@@ -332,11 +333,11 @@ def _dask_tendq(e: np.ndarray, spectra: np.ndarray, chunk: int) -> float:
         return len(spectra) / (time.perf_counter() - t0)
 
 
-def _reprocess_chunk() -> int:
-    """Pixels per 10Dq task of ``smartbeam reprocess`` (its ``--chunk`` default)."""
-    from ..commands.reprocess import DEFAULT_CHUNK
+def _reprocess_chunk(n_pixels: int) -> int:
+    """Pixels per 10Dq task of ``smartbeam reprocess`` on the bench's 2 workers."""
+    from ..commands.reprocess import tendq_chunk
 
-    return DEFAULT_CHUNK
+    return tendq_chunk(n_pixels, 2)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -407,7 +408,7 @@ def run(args: argparse.Namespace) -> dict:
     px_moments, t_moments = _moments_throughput(rng)
     out.update(tq)
     out["moments_100x100_s"] = t_moments
-    chunk = getattr(args, "dask_chunk", None) or _reprocess_chunk()
+    chunk = getattr(args, "dask_chunk", None) or _reprocess_chunk(len(spectra))
     out["pixels_per_s"] = {"moments": px_moments, "tendq": tq["tendq_pixels_per_s"],
                            "tendq_dask": _dask_tendq(e, spectra, chunk)}
     out["tendq_dask_chunk"] = chunk

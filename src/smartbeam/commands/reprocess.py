@@ -23,15 +23,23 @@ import numpy as np
 
 from ..errors import SmartbeamError, SmartbeamInputError
 
-__all__ = ["ANALYSIS_VERSION", "moments_task", "read_stack", "register", "reprocess",
-           "tendq_task"]
+__all__ = ["ANALYSIS_VERSION", "MIN_CHUNK", "moments_task", "read_stack", "register",
+           "reprocess", "tendq_chunk", "tendq_task"]
 
 #: Bumped when the analysis changes, so a re-run writes a new analysis run.
 ANALYSIS_VERSION = 2  # 2: 10Dq maps with the map default measures (linear)
 ANALYSES = ("auto", "moments", "tendq")
-#: Pixels per 10Dq task: chunks of the pooled stack at least this large take the batched
-#: low-rank search (it pays from ~96 spectra on; see smartbeam.analysis.tendq_batch).
-DEFAULT_CHUNK = 256
+#: Fewest pixels per 10Dq task by default: chunks of the pooled stack this large take the
+#: batched low-rank search (it pays from ~96 spectra on; see smartbeam.analysis.tendq_batch)
+#: and dilute its fixed cost per chunk (its tables of ~15 basis rows x offsets x library):
+#: measured on the bench's 32x32 field, one core, 160 / 420 / 990 / 2700 pixels/s at 32 /
+#: 128 / 256 / 1024 pixels per task.
+MIN_CHUNK = 256
+
+
+def tendq_chunk(n_pixels: int, n_workers: int) -> int:
+    """Default pixels per 10Dq task: one task per worker, at least :data:`MIN_CHUNK`."""
+    return max(MIN_CHUNK, -(-int(n_pixels) // max(int(n_workers), 1)))
 
 
 def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +62,9 @@ def register(subparsers) -> None:
     parser.add_argument("--workers", type=int, default=2, help="LocalCluster workers")
     parser.add_argument("--analysis", choices=ANALYSES, default="auto",
                         help="which analysis (auto: from the run's plan)")
-    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
-                        help="pixels per 10Dq task")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="pixels per 10Dq task (default: one task per worker, at least "
+                             f"{MIN_CHUNK})")
     parser.add_argument("--force", action="store_true",
                         help="write a new analysis run even if one exists")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -160,7 +169,7 @@ def _existing(store, uid: str, kind: str) -> list:
     return list(res.values())
 
 
-def _submit(client, raw: dict, kind: str, chunk: int):
+def _submit(client, raw: dict, kind: str, chunk: int | None):
     """Submit the run's tasks; returns a function that gathers the maps."""
     start, e, images = raw["start"], raw["energy"], raw["images"]
     ny, nx = images.shape[1:]
@@ -194,6 +203,8 @@ def _submit(client, raw: dict, kind: str, chunk: int):
     ion = start.get("ion", "Mn2+")
     e_sorted = e[order]
     e_fut = client.scatter(e_sorted, broadcast=True)
+    if chunk is None:
+        chunk = tendq_chunk(spectra.shape[0], len(client.scheduler_info()["workers"]))
     futs = [client.submit(tendq_task, e_fut, spectra[i:i + chunk], ion, pure=False)
             for i in range(0, spectra.shape[0], chunk)]
 
@@ -232,7 +243,8 @@ def _write_analysis_run(store, raw_start: dict, kind: str, maps: dict[str, Any],
     return bundle.start_doc["uid"]
 
 
-def reprocess(store, run_keys: list, client, *, analysis: str = "auto", chunk: int = 256,
+def reprocess(store, run_keys: list, client, *, analysis: str = "auto",
+              chunk: int | None = None,
               force: bool = False) -> list[dict[str, Any]]:
     """Analyse stored runs on a Dask ``client`` and write linked analysis runs.
 
@@ -247,7 +259,8 @@ def reprocess(store, run_keys: list, client, *, analysis: str = "auto", chunk: i
     analysis
         ``auto``, ``moments`` or ``tendq``.
     chunk
-        Pixels per 10Dq task.
+        Pixels per 10Dq task (default :func:`tendq_chunk`: one per worker, at least
+        :data:`MIN_CHUNK`).
     force
         Write a new analysis run even when one exists.
 
@@ -258,7 +271,7 @@ def reprocess(store, run_keys: list, client, *, analysis: str = "auto", chunk: i
     """
     if analysis not in ANALYSES:
         raise SmartbeamInputError(f"analysis={analysis!r}: expected one of {ANALYSES}")
-    if chunk < 1:
+    if chunk is not None and chunk < 1:
         raise SmartbeamInputError(f"chunk={chunk!r}: expected a positive number of pixels")
     jobs = []
     for key in run_keys:
