@@ -387,7 +387,7 @@ class RowScorer:
             n_out = n_phi
         else:
             # the first m harmonics (2 m - 1 packed values) in a shorter inverse
-            m = min(m, n_out // 2)
+            m = min(m, (n_out + 1) // 2)  # packed layout: (n_out + 1) // 2 harmonics
             n_pack = 2 * m - 1
             prod = np.zeros((spectrum.shape[0], n_out), np.float32)
             np.multiply(spectrum[:, :n_pack], self._transfer(sigma_ring, n_pack),
