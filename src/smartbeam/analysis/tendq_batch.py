@@ -22,7 +22,17 @@ rounding (the tests compare with the per-spectrum path):
   first; an offset in between is evaluated only where the triangle inequality,
   ``d(w_j, x) >= d(w_j', x) - d(w_j, w_j')``, does not exclude it from holding the
   minimum (the minimum, its position and every value the refinement reads stay exact);
+- the linear measures (Pearson, cosine, Euclidean) are reduced over the library in
+  cache-sized pixel sub-blocks (the smallest value per offset; for Pearson and cosine,
+  ``1 - inv * max(dot)``) and each measure's map is then evaluated only at the offsets
+  within ``_HALF`` of its best one -- all that the refinement, the window-edge check and
+  the noise sd read (the pixels re-searched over the whole offset range go the same way);
+  the rejection search keeps only the best library row per offset, likewise;
 - the refinement, the rejection scores and the uncertainty are computed on arrays.
+
+With only the linear measures (``TenDqFitter.with_measures("linear")``, the map default
+of :func:`~smartbeam.analysis.stack.tendq_maps`) nothing per pixel is evaluated on the
+explicit spectra except the rejection's final scores and the noise estimate.
 
 Spectra that are not of low rank (raw pixels), or fewer than the basis rows they would
 need, use the per-spectrum path.
