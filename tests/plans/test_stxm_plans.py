@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from smartbeam.errors import SmartbeamInputError
-from smartbeam.plans import stxm_image, stxm_xmcd_stack
+from smartbeam.plans import stxm_image, stxm_xas_map, stxm_xmcd_stack
 from smartbeam.storage import read_stream
 
 # A small field of view keeps the twin fast: 8 x 6 pixels of 60 nm.
@@ -120,3 +120,20 @@ def test_stxm_image_still_works(beamline_devices, RE):
     events = [d for n, d in docs if n == "event"]
     assert len(events) == 2
     assert np.asarray(events[0]["data"]["stxm_det_image"]).shape == (6, 8)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"measures": "fast"}, "measures"),
+    ({"polarisation": "elliptic"}, "polarisation"),
+    ({"energies": [640.0, 641.0]}, "energies"),
+])
+def test_xas_map_bad_input_refused_before_motion(beamline_devices, RE, kwargs, match):
+    stxm = beamline_devices["stxm"]
+    args = dict(FIELD, energies=list(np.arange(632.0, 660.0, 0.5)), dwell=0.002)
+    args.update(kwargs)
+    before = (stxm.x.setpoint.get(), stxm.energy.setpoint.get())
+    docs = []
+    with pytest.raises(SmartbeamInputError, match=match):
+        RE(stxm_xas_map(stxm, **args), lambda name, doc: docs.append(name))
+    assert docs == []
+    assert (stxm.x.setpoint.get(), stxm.energy.setpoint.get()) == before
