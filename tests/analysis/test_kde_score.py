@@ -76,7 +76,7 @@ def _rel_rms(v, ref):
 
 
 def test_scored_ring_values_close_to_the_emitted_smoothing():
-    # the scoring grid (~2 px of arc at the corner) against the emitted one (~1 px)
+    # the scoring grid (score_arc_px, 3 px of arc by default) against the emitted one (~1 px)
     g = _geometry(n=300, centre=(140.2, 160.7))
     yy, xx = np.mgrid[0:300, 0:300]
     r = np.hypot(xx - 140.2, yy - 160.7)

@@ -10,16 +10,17 @@ normalisers), to float32 rounding.
 
 Ring kernels are evaluated on a polar grid of their own (:attr:`RowScorer.polar`). The
 row scorer of :meth:`smartbeam.analysis.kde.Geometry.row_scorer` uses the
-multi-resolution grid of :mod:`.kde_mrgrid` (~2 px of arc at the outer radius of each
-group of 128 radii: ~0.9 M cells at 1024^2 instead of 1.67 M for one resolution), filtered
+multi-resolution grid of :mod:`.kde_mrgrid` (``Geometry.score_arc_px``, 3 px of arc by
+default, at the outer radius of each group of 128 radii: ~0.65 M cells at 1024^2; 2 px:
+~0.98 M, against 1.67 M for one resolution at 2 px), filtered
 along the ring per group with OpenCV's packed real DFT only up to the harmonics the kernel
 keeps, then along q at the distinct scored cells only, both thinned halves in one pass
 (:meth:`RowScorer.ring_at_pair`). A uniform :class:`~.kde_filters.PolarGrid` (the default
 of :class:`RowScorer`) keeps the earlier path (:meth:`RowScorer.ring_grid`, stored
 azimuth-major, :meth:`RowScorer.ring_at`). Both approximate the emitted smoothing
 (:func:`smartbeam.analysis.kde.apply_kernels`) to a few 0.1 % of the smoothed value; the
-coarser cells widen the narrowest ring kernel (sigma_ring = 3 px) by ~2 % (tests measure
-both).
+coarser cells widen the narrowest ring kernel (sigma_ring = 3 px) by ~4 % at 3 px of arc
+(tests measure both).
 
 Where the time goes at 1024^2 (one core, thread CPU; ``smartbeam bench kde``,
 ``select_breakdown_cpu_ms_1024``): the q windows of the ring kernels (memory bound: each
