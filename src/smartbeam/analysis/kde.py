@@ -232,6 +232,7 @@ class Geometry:
         self._ring_polars: dict[int, PolarGrid] = {}
         masked_flat = np.flatnonzero(~mask)
         self._masked_flat = masked_flat if masked_flat.size < mask.size // 4 else None
+        self._n_valid = mask.size - masked_flat.size  # (a sum over the mask per search)
 
     def iso_filter(self, sigma: float) -> IsoFilter:
         """Isotropic float32 filter with its mask normalisation (cached per ``sigma``)."""
@@ -833,7 +834,7 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
     if scorer is not None:
         idx = scorer.idx  # the same pixels, ordered by band
     if search == "auto":
-        search = "coarse" if int(geometry.mask.sum()) > 65536 else "full"
+        search = "coarse" if geometry._n_valid > 65536 else "full"
     plan = _SearchPlan(candidates)
 
     def profile(frame: np.ndarray) -> np.ndarray:

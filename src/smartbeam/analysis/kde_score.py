@@ -188,45 +188,54 @@ def cv_band_sums(est_a: np.ndarray, est_b: np.ndarray, raw_a: np.ndarray, raw_b:
     if _cv_kernel is None:
         import numba
 
-        @numba.njit(nogil=True, cache=True)
-        def kern(ea, eb, ra, rb, noise, weight, ok, band_of, out):  # pragma: no cover
-            # the sums of a run of bins in one band stay in registers (the scored bins
-            # come sorted by band: one run per band)
-            n, m = ea.shape
+        # fastmath: the sums of a band run vectorise (reassociated float64 adds, ~1.5x
+        # faster at 1024^2; the order of the additions changes the sums by ~1e-15)
+        @numba.njit(nogil=True, cache=True, fastmath=True)
+        def kern(ea, eb, ra, rb, noise, weight, ok, starts, bands, out):  # pragma: no cover
+            # one run of bins per band (the scored bins come sorted by band), read as
+            # slices: zero-based loop indices let LLVM vectorise the sums
+            n = ea.shape[0]
             for c in range(n):
-                k = -1
-                s0 = s1 = s2 = s3 = 0.0
-                for p in range(m):
-                    if not ok[p]:
-                        continue
-                    if band_of[p] != k:
-                        if k >= 0:
-                            out[0, c, k] += s0
-                            out[1, c, k] += s1
-                            out[2, c, k] += s2
-                            out[3, c, k] += s3
-                        k = band_of[p]
-                        s0 = s1 = s2 = s3 = 0.0
-                    a = np.float64(ea[c, p])
-                    b = np.float64(eb[c, p])
-                    err = 0.5 * ((a - rb[p]) ** 2 + (b - ra[p]) ** 2)
-                    d2 = 0.5 * (a - b) ** 2
-                    s0 += err * weight[p]
-                    s1 += err - noise[p]
-                    s2 += d2
-                    s3 += d2 * weight[p]
-                if k >= 0:
+                for r in range(bands.size):
+                    p0 = starts[r]
+                    m = starts[r + 1] - p0
+                    k = bands[r]
+                    xa = ea[c, p0:p0 + m]
+                    xb = eb[c, p0:p0 + m]
+                    ya = ra[p0:p0 + m]
+                    yb = rb[p0:p0 + m]
+                    nz = noise[p0:p0 + m]
+                    wt = weight[p0:p0 + m]
+                    okr = ok[p0:p0 + m]
+                    s0 = s1 = s2 = s3 = 0.0
+                    for j in range(m):
+                        if okr[j]:
+                            a = np.float64(xa[j])
+                            b = np.float64(xb[j])
+                            err = 0.5 * ((a - yb[j]) ** 2 + (b - ya[j]) ** 2)
+                            d2 = 0.5 * (a - b) ** 2
+                            s0 += err * wt[j]
+                            s1 += err - nz[j]
+                            s2 += d2
+                            s3 += d2 * wt[j]
                     out[0, c, k] += s0
                     out[1, c, k] += s1
                     out[2, c, k] += s2
                     out[3, c, k] += s3
 
         _cv_kernel = kern
+    band_of = np.ascontiguousarray(band_of, np.int64)
+    # runs of equal bands (any order of bins works; sorted by band gives one run per band)
+    starts = np.flatnonzero(np.diff(band_of)) + 1
+    starts = np.concatenate([[0], starts, [band_of.size]]).astype(np.int64)
+    bands = band_of[starts[:-1]] if band_of.size else np.zeros(0, np.int64)
+    if not band_of.size:
+        starts = np.zeros(1, np.int64)
     out = np.zeros((4, est_a.shape[0], n_bands))
     _cv_kernel(np.ascontiguousarray(est_a), np.ascontiguousarray(est_b),
                np.ascontiguousarray(raw_a, np.float64), np.ascontiguousarray(raw_b, np.float64),
                np.ascontiguousarray(noise, np.float64), np.ascontiguousarray(weight, np.float64),
-               np.ascontiguousarray(ok, np.bool_), np.ascontiguousarray(band_of, np.int64), out)
+               np.ascontiguousarray(ok, np.bool_), starts, np.ascontiguousarray(bands), out)
     return out
 
 
