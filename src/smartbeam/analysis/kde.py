@@ -171,11 +171,11 @@ class Geometry:
         scores ring kernels (:attr:`score_grid`; :attr:`score_polar` is the same size at
         the outermost pixel on one resolution); the emitted smoothing uses ~1 px, or
         ~sigma_ring / 5 for wide ring kernels on large detectors (:mod:`.kde_emit`).
-        Default 3: at 1024^2 the re-selection measured ~11 % less thread CPU than with 2
-        (paired medians), with the same kernel choices and true-MSE speed-ups in 10 of 12
-        checks (realistic, sharp, anisotropic at 3 and 30 scans) and within 5 % in the
-        other two; the scored ring values stay within 0.8 % RMS of the emitted smoothing
-        (sigma_ring = 3 px; 0.5 % with 2).
+        Default 3: at 1024^2 the re-selection measured ~10 % less thread CPU than with 2
+        (paired medians), with the same kernel choices and true-MSE speed-ups in 9 of 12
+        checks (realistic, sharp, anisotropic at 3 and 30 scans, two seeds each), higher
+        in two (+26 %, +4 %) and 5 % lower in one; the scored ring values stay within
+        0.8 % RMS of the emitted smoothing (sigma_ring = 3 px; 0.5 % with 2).
     """
 
     def __init__(self, mask: np.ndarray, centre: Sequence[float], *, band_width_px: float = 8.0,
