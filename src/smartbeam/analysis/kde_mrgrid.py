@@ -47,39 +47,48 @@ def _compiled():
 
         # fastmath: lets LLVM vectorise the short dot products (reassociated sums)
         @numba.njit(nogil=True, cache=True, fastmath=True)
-        def ring_q(buf, buf2, goff, gnout, gr0, gnr, rho, g0, i0, f, w, lo, hi, inv,
+        def ring_q(buf, buf2, cnt, soa, sob, sf, sdlo, sdhi, w, lo, hi, inv,
                    out, out2):  # pragma: no cover - runs compiled
-            # cell t, segment k: the window rows (rho - rad + tap) that lie in group
-            # g0[t] + k, read at samples i0[t, k] and i0[t, k] + 1 (periodic) of that
-            # group, interpolated with weight f[t, k] (compact tables: they are read
-            # once per cell and call); buf2 (same layout, e.g. the other thinned half)
-            # is filtered in the same pass into out2 when it is not empty
+            # cell t, segment k (a group its window overlaps, :func:`segments`): window
+            # taps sdlo..sdhi lie in that group; tap d reads buf[soa + d] and
+            # buf[sob + d] (the samples before and after the cell's azimuth),
+            # interpolated with weight sf. buf2 (same layout, e.g. the other thinned
+            # half) is filtered in the same pass into out2 when it is not empty. The
+            # per-cell tables are precomputed per grid layout: the group arithmetic
+            # and bounds logic they replace cost more than the dot products of narrow
+            # q kernels (one-tap kernels take their own, equal, path)
             two = buf2.size > 0
             n_k = w.shape[0]
-            n_g = gr0.size
-            rad = (w.shape[1] - 1) // 2
-            for t in range(rho.size):
-                base = rho[t] - rad
+            for t in range(cnt.size):
                 for i in range(n_k):
                     acc = np.float32(0.0)
                     acc2 = np.float32(0.0)
-                    for k in range(i0.shape[1]):
-                        g = g0[t] + k
-                        if g >= n_g or gr0[g] > base + hi[i] - 1:
-                            break
-                        r0 = gr0[g]
-                        nr = gnr[g]
-                        d0 = max(lo[i], r0 - base)
-                        d1 = min(hi[i], r0 + nr - base)
+                    for k in range(cnt[t]):
+                        d0 = max(lo[i], np.int64(sdlo[t, k]))
+                        d1 = min(hi[i], np.int64(sdhi[t, k]))
                         if d1 <= d0:
                             continue
-                        ia = np.int64(i0[t, k])
-                        oa = goff[g] + ia * nr + base - r0
+                        oa = np.int64(soa[t, k])
+                        ff = sf[t, k]
+                        sa = np.float32(0.0)
+                        sa2 = np.float32(0.0)
+                        if d1 - d0 == 1:
+                            wt = w[i, d0]
+                            sa = wt * buf[oa + d0]
+                            if two:
+                                sa2 = wt * buf2[oa + d0]
+                            if ff != 0.0:
+                                ob = np.int64(sob[t, k])
+                                sb = wt * buf[ob + d0]
+                                sa += ff * (sb - sa)
+                                if two:
+                                    sb2 = wt * buf2[ob + d0]
+                                    sa2 += ff * (sb2 - sa2)
+                            acc += sa
+                            acc2 += sa2
+                            continue
                         wa = w[i, d0:d1]
                         xa = buf[oa + d0:oa + d1]
-                        sa = np.float32(0.0)
-                        ff = f[t, k]
-                        sa2 = np.float32(0.0)
                         if ff == 0.0:
                             for j in range(d1 - d0):
                                 sa += wa[j] * xa[j]
@@ -88,10 +97,7 @@ def _compiled():
                                 for j in range(d1 - d0):
                                     sa2 += wa[j] * ya[j]
                         else:
-                            ib = ia + 1
-                            if ib == gnout[g]:
-                                ib = 0
-                            ob = goff[g] + ib * nr + base - r0
+                            ob = np.int64(sob[t, k])
                             xb = buf[ob + d0:ob + d1]
                             sb = np.float32(0.0)
                             for j in range(d1 - d0):
@@ -310,32 +316,52 @@ def segments(polar: MultiPolar, grid: MultiRingGrid, rho: np.ndarray, u: np.ndar
     """Where the q windows of cells read a ring-filtered grid (cache it per grid layout).
 
     For each cell, the groups its window of ``2 rad + 1`` rows overlaps (at most two when
-    groups hold ``2 rad + 1`` rows or more): the sample before the cell's azimuth in each
-    and the linear interpolation weight.
+    groups hold ``2 rad + 1`` rows or more): the taps of the window in that group, where
+    tap 0 would be read at the samples before and after the cell's azimuth, and the
+    linear interpolation weight.
 
     Returns
     -------
     tuple
-        ``(rad, rho, g0, i0, f)``: int32 ``rho`` and ``g0`` (first group) ``(n_cells,)``,
-        int32 ``i0`` and float32 ``f`` ``(n_cells, n_segments)``.
+        ``(rad, cnt, oa, ob, f, dlo, dhi)``: ``cnt`` the number of segments per cell
+        ``(n_cells,)``; per segment ``(n_cells, n_segments)``, used up to ``cnt``: the
+        buffer positions ``oa``/``ob`` of tap 0 at the two samples, the weight ``f`` of
+        the second, and the taps ``dlo:dhi`` (of ``0:2 rad + 1``) in the segment's group.
     """
     n_seg = 1 + -(-2 * rad // int(polar.n_rows.min()))  # groups a window can overlap
     t = rho.size
-    i0s = np.zeros((t, n_seg), np.int32)
-    f = np.zeros((t, n_seg), np.float32)
-    g0 = polar.grp_of_row[np.maximum(rho - rad, 0)]
+    rho = np.asarray(rho, np.int64)
+    base = rho - rad
+    g0 = polar.grp_of_row[np.maximum(base, 0)]
     n_g = polar.r0.size
+    # int32 positions while the buffer allows (smaller tables, read once per pass)
+    it = np.int32 if grid.values.size < 2**31 - 2 * rad - 2 else np.int64
+    cnt = np.zeros(t, np.int32)
+    oa, ob = np.zeros((t, n_seg), it), np.zeros((t, n_seg), it)
+    dlo, dhi = np.zeros((t, n_seg), np.int32), np.zeros((t, n_seg), np.int32)
+    f = np.zeros((t, n_seg), np.float32)
     for k in range(n_seg):
         gg = np.minimum(g0 + k, n_g - 1)
-        n = grid.n_out[gg]
+        r0, nr, n = polar.r0[gg], polar.n_rows[gg], grid.n_out[gg]
+        lo = np.maximum(r0 - base, 0)
+        hi = np.minimum(r0 + nr - base, 2 * rad + 1)
         # sample i of a group sits at the centre of its cell i * n_phi / n_out
         pos = u * n - 0.5 * n / polar.n_phi_g[gg]
         near = np.rint(pos)
         pos = np.where(np.abs(pos - near) < 1e-6, near, pos)  # exact sample positions
         fl = np.floor(pos)
-        i0s[:, k] = fl.astype(np.int64) % n
-        f[:, k] = (pos - fl).astype(np.float32)
-    return rad, rho.astype(np.int32), g0.astype(np.int32), i0s, f
+        ia = fl.astype(np.int64) % n
+        ib = (ia + 1) % n
+        use = np.flatnonzero((g0 + k < n_g) & (hi > lo))
+        slot = cnt[use]
+        off = grid.offset[gg] + base - r0
+        oa[use, slot] = (off + ia * nr)[use]
+        ob[use, slot] = (off + ib * nr)[use]
+        f[use, slot] = (pos - fl).astype(np.float32)[use]
+        dlo[use, slot] = lo[use]
+        dhi[use, slot] = hi[use]
+        cnt[use] += 1
+    return rad, cnt, oa, ob, f, dlo, dhi
 
 
 def ring_q_multi(polar: MultiPolar, grid: MultiRingGrid, rho: np.ndarray, u: np.ndarray,
@@ -390,6 +416,6 @@ def ring_q_multi(polar: MultiPolar, grid: MultiRingGrid, rho: np.ndarray, u: np.
         raise ValueError("grid2 has another layout than grid")  # internal misuse
     out2 = np.empty_like(out) if grid2 is not None else np.empty((0, 0), np.float32)
     buf2 = grid2.values if grid2 is not None else np.empty(0, np.float32)
-    _compiled()(grid.values, buf2, grid.offset, grid.n_out, polar.r0, polar.n_rows, *seg[1:],
-                w, lo, hi, np.ascontiguousarray(inv, np.float32), out, out2)
+    _compiled()(grid.values, buf2, *seg[1:], w, lo, hi,
+                np.ascontiguousarray(inv, np.float32), out, out2)
     return out if grid2 is None else (out, out2)
