@@ -1044,9 +1044,8 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         rel_bands = np.where(sig2 > 0, np.sqrt(mse_best / sig2), np.nan)
         total = sig2[present].sum()
         rel = float(np.sqrt(mse_best[present].sum() / total)) if total > 0 else float("nan")
-    # no counts (validate_frame has rejected NaN/inf and negative counts)
-    if not x.any():
-        rel = float("nan")
+    # no counts: the pilot, hence sig2 and ``total``, are exactly 0 and rel is NaN above
+    # (a full-frame x.any() pass here measured ~0.3 ms at 1024^2 for the same answer)
     speedup = float("nan")
     if Kernel.iso(0) in candidates and rel == rel:
         none = candidates.index(Kernel.iso(0))

@@ -55,6 +55,23 @@ _TAIL = 5.3
 _ARC_STEP = 0.2
 
 
+# cv2.filter2D switches to a DFT-based filter for float32 kernels of 130 taps or more
+_FILTER2D_MAX_TAPS = 129
+
+
+def _row_filter(block: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Horizontal pass of a separable filter (zero borders), float32.
+
+    ``cv2.filter2D`` with a one-row kernel: equal (bitwise) to ``cv2.sepFilter2D`` with a
+    one-tap vertical kernel and measured 1.5-2.6x faster on the (66, 1024) blocks of the
+    1024^2 scoring rows (sigma 1-10, one core): it skips sepFilter2D's vertical pass.
+    Longer kernels keep sepFilter2D (filter2D would change to its DFT path).
+    """
+    if k.size > _FILTER2D_MAX_TAPS:
+        return cv2.sepFilter2D(block, -1, k, _ONE, borderType=cv2.BORDER_CONSTANT)
+    return cv2.filter2D(block, -1, k.reshape(1, -1), borderType=cv2.BORDER_CONSTANT)
+
+
 _ring_q_kernel = None
 
 
@@ -347,7 +364,7 @@ class RowScorer:
                     np.array([f.radius for f in filters], np.int64), vert)
         out = []
         for i, f in enumerate(filters):
-            h = cv2.sepFilter2D(vert[i], -1, f.k, _ONE, borderType=cv2.BORDER_CONSTANT)
+            h = _row_filter(vert[i], f.k)
             out.append(h.ravel()[self.loc] * self._iso_inv(f.sigma))
         return out
 
