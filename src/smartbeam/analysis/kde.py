@@ -842,13 +842,23 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
                                                                          product)
 
     # chi^2 weights from a pilot estimate, floored so empty regions do not dominate
+    first = None  # the first split's halves when drawn for the pilot
     if scorer is None:
         pilot, _ = smooth(x, geometry, Kernel.iso(2.0))
         pilot_at = profile(pilot)
         pilot_mean = float(pilot[geometry.mask].mean())
     else:
         # at the scored pixels only (their mean stands for the frame's: a random row set)
-        pilot_at = scorer.iso(geometry.masked32(x, slot=0), [2.0])[0]
+        if x.dtype.kind in "iub":
+            # integer counts: the first split is drawn now and the pilot smooths the sum
+            # of its halves (exactly the masked counts in float32 below 2^24 per pixel),
+            # which saves a converted copy of the frame (~0.8 ms at 1024^2); the thinning
+            # draws from rng as it would below
+            first = thin_masked(x, geometry, rng, out=(geometry.scratch(2),
+                                                       geometry.scratch(3)))
+            pilot_at = scorer.iso(first[0], [2.0], frame2=first[1])[0]
+        else:
+            pilot_at = scorer.iso(geometry.masked32(x, slot=0), [2.0])[0]
         pilot_mean = float(pilot_at.mean())
     floor = max(0.05 * pilot_mean, 1e-12)
     pilot_p = np.maximum(pilot_at, floor).astype(np.float64)
@@ -877,8 +887,11 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
     scored_cells = polar.cell.ravel()[idx] if idx is not None else None
     splits = []
     for s_ in range(n_splits):
-        h32 = list(thin_masked(x, geometry, rng, out=(geometry.scratch(2 + 2 * s_),
-                                                       geometry.scratch(3 + 2 * s_))))
+        if s_ == 0 and first is not None:
+            h32 = list(first)
+        else:
+            h32 = list(thin_masked(x, geometry, rng, out=(geometry.scratch(2 + 2 * s_),
+                                                           geometry.scratch(3 + 2 * s_))))
         prof = [profile(h) for h in h32]
         raw = [np.where(ok, p_.astype(np.float64), 0.0) for p_ in prof]
         # Poisson variance of one half's bin, estimated by its own (unbiased) counts

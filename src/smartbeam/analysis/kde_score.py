@@ -133,7 +133,7 @@ def _vertical():
     """numba kernel: vertical Gaussian passes at the scored detector rows (compiled once).
 
     ``out[i, k] = sum_d w[i, d] * frame[rows[k] + d - rad]`` over the taps of kernel ``i``
-    (zero beyond the detector). Reads the frame rows in place: the gathered
+    (zero beyond the detector; ``frame + frame2`` when ``frame2`` is not empty). Reads the frame rows in place: the gathered
     ``(2 rad + 1, K, nx)`` block and matrix product it replaces copied ~20 MB per call
     at 1024^2 and spent the widest kernel's taps on every sigma.
     """
@@ -142,8 +142,10 @@ def _vertical():
         import numba
 
         @numba.njit(nogil=True, cache=True)
-        def vert(frame, rows, w, rads, out):  # pragma: no cover - runs compiled
+        def vert(frame, frame2, rows, w, rads, out):  # pragma: no cover - runs compiled
+            # frame2 (when not empty) is added to frame as it is read
             ny, nx = frame.shape
+            two = frame2.size > 0
             big = (w.shape[1] - 1) // 2
             for i in range(w.shape[0]):
                 r = rads[i]
@@ -156,8 +158,13 @@ def _vertical():
                             continue
                         wt = w[i, big + d]
                         src = frame[y]
-                        for x in range(nx):
-                            o[x] += wt * src[x]
+                        if two:
+                            src2 = frame2[y]
+                            for x in range(nx):
+                                o[x] += wt * (src[x] + src2[x])
+                        else:
+                            for x in range(nx):
+                                o[x] += wt * src[x]
 
         _vert_kernel = vert
     return _vert_kernel
@@ -335,7 +342,8 @@ class RowScorer:
         self._interp: dict[int, tuple] = {}
         self._tf: dict[tuple, np.ndarray] = {}
 
-    def iso(self, frame: np.ndarray, sigmas: Sequence[float]) -> list[np.ndarray]:
+    def iso(self, frame: np.ndarray, sigmas: Sequence[float],
+            frame2: np.ndarray | None = None) -> list[np.ndarray]:
         """Masked, normalised isotropic smoothing of ``frame`` at the scored pixels.
 
         Parameters
@@ -344,6 +352,10 @@ class RowScorer:
             float32 ``(ny, nx)`` counts, zero outside the mask.
         sigmas
             Standard deviations (> 0), px.
+        frame2
+            Optional float32 frame added to ``frame`` as it is read (e.g. the two thinned
+            halves of integer counts: their float32 sum is exact below 2^24 counts per
+            pixel, so this equals smoothing the counts without a converted copy).
 
         Returns
         -------
@@ -360,7 +372,9 @@ class RowScorer:
             w[i, rad - f.radius:rad + f.radius + 1] = f.k
         # the vertical pass on the scored rows only, each sigma with its own taps
         vert = np.empty((len(filters), self.rows.size, g.shape[1]), np.float32)
-        _vertical()(np.ascontiguousarray(frame, np.float32), self.rows, w,
+        f2 = (np.empty((0, 0), np.float32) if frame2 is None
+              else np.ascontiguousarray(frame2, np.float32))
+        _vertical()(np.ascontiguousarray(frame, np.float32), f2, self.rows, w,
                     np.array([f.radius for f in filters], np.int64), vert)
         out = []
         for i, f in enumerate(filters):
