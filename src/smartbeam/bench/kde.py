@@ -224,7 +224,8 @@ def _select_breakdown(x: np.ndarray, g: Geometry, rng: np.random.Generator,
            "scored_ring_cells": int(sc._rho.size),
            "scoring_grid_cells": int(ca.size),
            "thin_both_halves": med(lambda: thin_masked(x, g, rng, out=(a, b))),
-           "pilot_iso2_at_scored_pixels": med(lambda: sc.iso(g.masked32(x, slot=0), [2.0])),
+           # integer counts: the pilot smooths the first split's halves as read
+           "pilot_iso2_at_scored_pixels": med(lambda: sc.iso(a, [2.0], frame2=b)),
            "bin_polar_both_halves": med(lambda: bin_cells(a, b, sc.polar)),
            "ring_spectrum": med(lambda: sc.ring_spectrum(ca))}
     rings = [k for k in DEFAULT_CANDIDATES if k.kind == "ring"]
