@@ -150,3 +150,60 @@ def test_selection_scores_equal_for_integer_and_float_counts():
                               search="full")
     assert np.array_equal(s_int.cv_score, s_flt.cv_score)
     assert s_int.kernels == s_flt.kernels
+
+
+def test_values_written_into_given_arrays_equal_the_returned_ones():
+    # the selection writes candidate values straight into its block of rows
+    g = _geometry()
+    sc = g.row_scorer(3000)
+    rng = np.random.default_rng(13)
+    ha = g.masked32(rng.poisson(4.0, g.shape))
+    hb = g.masked32(rng.poisson(4.0, g.shape))
+    sigmas = [1.0, 3.0]
+    dst = np.full((2, sc.idx.size), np.nan, np.float32)
+    sc.iso(ha, sigmas, out=list(dst))
+    for got, want in zip(dst, sc.iso(ha, sigmas), strict=True):
+        assert np.array_equal(got, want)
+    ca, cb = sc.bin_halves(ha, hb)
+    qs = [0.0, 2.0, 4.0]
+    ga = sc.ring_grid(sc.ring_spectrum(ca), ca, 8.0)
+    gb = sc.ring_grid(sc.ring_spectrum(cb), cb, 8.0)
+    out = (np.full((3, sc.idx.size), np.nan, np.float32),
+           np.full((3, sc.idx.size), np.nan, np.float32))
+    sc.ring_at_pair(ga, gb, qs, out=out)
+    want_a, want_b = sc.ring_at_pair(ga, gb, qs)
+    assert np.array_equal(out[0], np.stack(want_a)) and np.array_equal(out[1], np.stack(want_b))
+
+
+def test_cv_band_sums_with_kept_runs_equal_computed_runs():
+    g = _geometry()
+    sc = g.row_scorer(3000)
+    band_of, starts, bands = sc.runs
+    assert np.array_equal(band_of, g.band.ravel()[sc.idx])
+    # one run per band present (the scored pixels come sorted by band)
+    assert np.array_equal(bands, np.unique(band_of)) and starts[-1] == band_of.size
+    rng = np.random.default_rng(2)
+    n = band_of.size
+    ea, eb = rng.random((2, n)).astype(np.float32), rng.random((2, n)).astype(np.float32)
+    ra, rb, noise, weight = (rng.random(n) for _ in range(4))
+    ok = rng.random(n) > 0.1
+    want = cv_band_sums(ea, eb, ra, rb, noise, weight, ok, band_of, g.n_bands)
+    got = cv_band_sums(ea, eb, ra, rb, noise, weight, ok, band_of, g.n_bands,
+                       runs=(starts, bands))
+    assert np.array_equal(got, want)
+
+
+def test_row_scorer_selection_scores_do_not_depend_on_candidate_order():
+    # the search evaluates a block with the ring kernels of each sigma_ring in adjacent
+    # rows: each candidate must keep its own scores whatever its place in the list
+    g = _geometry()
+    x = np.random.default_rng(4).poisson(6.0, g.shape)
+    cands = [Kernel.iso(0), Kernel.iso(1.0), Kernel.ring(2.0, 8.0), Kernel.iso(3.0),
+             Kernel.ring(0.0, 8.0), Kernel.ring(1.0, 3.0), Kernel.ring(4.0, 8.0)]
+    perm = [6, 2, 0, 5, 3, 4, 1]
+    a = select_bandwidths(x, g, candidates=cands, rng=9, max_score_pixels=3000,
+                          search="full")
+    b = select_bandwidths(x, g, candidates=[cands[i] for i in perm], rng=9,
+                          max_score_pixels=3000, search="full")
+    assert np.array_equal(b.cv_score, a.cv_score[perm])
+    assert np.array_equal(b.variance, a.variance[perm])

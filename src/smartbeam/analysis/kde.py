@@ -864,7 +864,10 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
     pilot_p = np.maximum(pilot_at, floor).astype(np.float64)
     # the signal (for relative errors) from the unfloored pilot
     pilot_signal = np.maximum(pilot_at, 0.0).astype(np.float64)
-    if idx is not None:
+    if scorer is not None:
+        nb = np.ones(idx.size)
+        band_of = scorer.band_of  # cached with its runs of equal bands
+    elif idx is not None:
         nb = np.ones(idx.size)
         band_of = geometry.band.ravel()[idx]
     else:
@@ -884,7 +887,8 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
     def band_sum(values: np.ndarray) -> np.ndarray:
         return np.bincount(band_of, weights=values, minlength=n_bands)
 
-    scored_cells = polar.cell.ravel()[idx] if idx is not None else None
+    # (read back from the polar cells by ring_values: the path without a row scorer)
+    scored_cells = polar.cell.ravel()[idx] if idx is not None and scorer is None else None
     splits = []
     for s_ in range(n_splits):
         if s_ == 0 and first is not None:
@@ -906,7 +910,8 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
 
     def ring_grid(sp: dict, j: int, sigma_ring: float) -> np.ndarray | dict:
         """Polar cells of half ``j`` filtered along the ring (cached per search); with the
-        row scorer, ``{"grid": RingGrid, "vals": {sigma_q: values at the scored pixels}}``.
+        row scorer, ``{"grid": MultiRingGrid}`` (``None`` once every sigma_q of the
+        sigma_ring is scored: :func:`fill_values`).
         """
         cells, spectra = sp["cells"], sp["spectra"]
         if cells[j] is None:
@@ -914,8 +919,7 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
                                   else scorer.bin_halves(*sp["h32"]))
         key = (j, sigma_ring)
         if key not in sp["ring_done"]:
-            # keep ring-filtered grids (or the row scorer's values from them, smaller) for
-            # later search stages while they fit in ~100 MB
+            # keep ring-filtered grids for later search stages while they fit in ~100 MB
             held = sum(_nbytes(v) for v in sp["ring_done"].values())
             while sp["ring_done"] and held + cells[j].nbytes > 100e6:
                 held -= _nbytes(sp["ring_done"].pop(next(iter(sp["ring_done"]))))
@@ -923,11 +927,9 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
                 spectra[j] = (sfft.rfft(cells[j], axis=1) if scorer is None
                               else scorer.ring_spectrum(cells[j]))
             if scorer is not None:
-                # the grid, and the values at the scored pixels of the sigma_q asked for
-                # so far (each costs a pass over the q windows: computed when a search
-                # stage needs it)
-                grid = {"grid": scorer.ring_grid(spectra[j], cells[j], sigma_ring),
-                        "vals": {}}
+                # the grid, kept for the sigma_q of later search stages (each costs a
+                # pass over the q windows: computed when a stage scores it)
+                grid = {"grid": scorer.ring_grid(spectra[j], cells[j], sigma_ring)}
             elif sigma_ring > 0:
                 grid = polar.filter_ring(spectra[j], sigma_ring)
             else:
@@ -938,26 +940,6 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
     n_q = {sr: len({k.sigma_q for k in candidates if k.kind == "ring" and k.sigma_ring == sr})
            for sr in {k.sigma_ring for k in candidates if k.kind == "ring"}}
 
-    def scored_ring(sp: dict, j: int, sigma_ring: float, qs: Sequence[float]
-                    ) -> dict[float, np.ndarray]:
-        """Ring kernels of half ``j`` at the scored pixels, per sigma_q (cached)."""
-        ent = ring_grid(sp, j, sigma_ring)
-        missing = sorted(set(qs) - set(ent["vals"]))
-        if missing:
-            # both halves in one pass (the search asks both for the same kernels)
-            other = ring_grid(sp, 1 - j, sigma_ring)
-            if other["grid"] is not None and not set(missing) & set(other["vals"]):
-                va, vb = scorer.ring_at_pair(ent["grid"], other["grid"], missing)
-                other["vals"].update(zip(missing, vb, strict=True))
-                if len(other["vals"]) == n_q[sigma_ring]:
-                    other["grid"] = None
-            else:
-                va = scorer.ring_at(ent["grid"], missing)
-            ent["vals"].update(zip(missing, va, strict=True))
-            if len(ent["vals"]) == n_q[sigma_ring]:
-                ent["grid"] = None  # every sigma_q done: the values are all that is needed
-        return ent["vals"]
-
     def ring_values(sp: dict, j: int, kern: Kernel) -> np.ndarray:
         cell_val = polar.filter_q(ring_grid(sp, j, kern.sigma_ring), kern.sigma_q)
         inv = polar.inv_den(kern.sigma_q, kern.sigma_ring)
@@ -967,53 +949,86 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         return profile(polar.to_pixels(cell_val * inv))
 
     def half_values(sp: dict, j: int, todo: Sequence[int]) -> dict[int, np.ndarray]:
-        """Product values of every candidate in ``todo`` smoothed from half ``j``."""
+        """Product values of every candidate in ``todo`` smoothed from half ``j`` (the
+        path without a row scorer; :func:`fill_values` with one)."""
         h = sp["h32"][j]
         vals: dict[int, np.ndarray] = {}
         iso = [c for c in todo if candidates[c].kind == "iso" and candidates[c].sigma_q > 0]
         for c in todo:
             if candidates[c].kind == "iso" and candidates[c].sigma_q <= 0:
                 vals[c] = sp["prof"][j]
-        if scorer is not None:
-            for c, v in zip(iso, scorer.iso(h, [candidates[c].sigma_q for c in iso]),
-                            strict=True):
-                vals[c] = v
-        else:
-            for c in iso:
-                vals[c] = profile(geometry.iso_filter(candidates[c].sigma_q).apply(h))
+        for c in iso:
+            vals[c] = profile(geometry.iso_filter(candidates[c].sigma_q).apply(h))
         # ring candidates grouped by sigma_ring: one inverse FFT per sigma_ring, shared
         # by every sigma_q
         ring: dict[float, list[int]] = {}
         for c in todo:
             if candidates[c].kind == "ring":
                 ring.setdefault(candidates[c].sigma_ring, []).append(c)
-        for sr, cs in sorted(ring.items()):
-            if scorer is not None:
-                at = scored_ring(sp, j, sr, [candidates[c].sigma_q for c in cs])
-                vals.update((c, at[candidates[c].sigma_q]) for c in cs)
-            else:
-                for c in cs:
-                    vals[c] = ring_values(sp, j, candidates[c])
+        for _, cs in sorted(ring.items()):
+            for c in cs:
+                vals[c] = ring_values(sp, j, candidates[c])
         return vals
+
+    ring_qs_done: dict[tuple[int, float], set] = {}
+
+    def fill_values(sp: dict, part: Sequence[int], est: np.ndarray) -> None:
+        """Row scorer: the values of the candidates ``part`` smoothed from each half,
+        written into ``est[j, i]`` (``part`` ordered by :func:`evaluate`:
+        the ring kernels of a sigma_ring in adjacent rows, one pass for both halves)."""
+        at = {c: i for i, c in enumerate(part)}
+        iso = [c for c in part if candidates[c].kind == "iso" and candidates[c].sigma_q > 0]
+        for c in part:
+            if candidates[c].kind == "iso" and candidates[c].sigma_q <= 0:
+                est[0, at[c]] = sp["prof"][0]
+                est[1, at[c]] = sp["prof"][1]
+        if iso:
+            sig = [candidates[c].sigma_q for c in iso]
+            for j in (0, 1):
+                scorer.iso(sp["h32"][j], sig, out=[est[j, at[c]] for c in iso])
+        ring: dict[float, list[int]] = {}
+        for c in part:
+            if candidates[c].kind == "ring":
+                ring.setdefault(candidates[c].sigma_ring, []).append(c)
+        for sr, cs in sorted(ring.items()):
+            i0 = at[cs[0]]
+            ga, gb = ring_grid(sp, 0, sr), ring_grid(sp, 1, sr)
+            qs = [candidates[c].sigma_q for c in cs]
+            scorer.ring_at_pair(ga["grid"], gb["grid"], qs,
+                                out=(est[0, i0:i0 + len(cs)], est[1, i0:i0 + len(cs)]))
+            done = ring_qs_done.setdefault((id(sp), sr), set())
+            done.update(qs)
+            if len(done) == n_q[sr]:
+                ga["grid"] = gb["grid"] = None  # every sigma_q done: the grids can go
 
     # candidates per block: bounds the memory of the stacked values (~4M bins per block)
     block = max(1, 4_000_000 // max(band_of.size, 1))
+    runs = scorer.runs[1:] if scorer is not None else None
 
     def evaluate(todo: Sequence[int]) -> None:
         todo = list(todo)
         for start in range(0, len(todo), block):
             part = todo[start:start + block]
+            if scorer is not None:
+                # the ring kernels of a sigma_ring in adjacent rows (the scores of a
+                # candidate do not depend on its row)
+                part = sorted(part, key=lambda c: (candidates[c].kind == "ring",
+                                                   candidates[c].sigma_ring, c))
             rows_ = np.array(part)
             for sp in splits:
                 raw, noise = sp["raw"], sp["noise"]
-                both = [half_values(sp, j, part) for j in (0, 1)]
-                est = [np.stack([both[j][c] for c in part]) for j in (0, 1)]
+                if scorer is not None:
+                    est = np.empty((2, len(part), band_of.size), np.float32)
+                    fill_values(sp, part, est)
+                else:
+                    both = [half_values(sp, j, part) for j in (0, 1)]
+                    est = [np.stack([both[j][c] for c in part]) for j in (0, 1)]
                 # two-fold CV: each smoothed half scored against the other raw half;
                 # E (est_A - est_B)^2 / 2 = Var(est) of one half (A, B independent); the
                 # mse term is unbiased for E(est - mu/2)^2 (the raw half's Poisson
                 # variance subtracted)
                 sums = cv_band_sums(est[0], est[1], raw[0], raw[1], noise, weight, ok,
-                                    band_of, n_bands)
+                                    band_of, n_bands, runs=runs)
                 score[rows_] += sums[0]
                 mse[rows_] += sums[1]
                 var[rows_] += sums[2]

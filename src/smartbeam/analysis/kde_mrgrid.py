@@ -364,6 +364,38 @@ def segments(polar: MultiPolar, grid: MultiRingGrid, rho: np.ndarray, u: np.ndar
     return rad, cnt, oa, ob, f, dlo, dhi
 
 
+_taps_cache: dict[tuple, list] = {}
+_window_cache: dict[tuple, tuple] = {}
+
+
+def _q_taps(sigma_qs: Sequence[float]) -> list[np.ndarray]:
+    """float32 Gaussian taps of each sigma_q (one tap for 0); cached per set."""
+    key = tuple(float(q) for q in sigma_qs)
+    if key not in _taps_cache:
+        from .kde_filters import gaussian_kernel_1d
+
+        _taps_cache[key] = [gaussian_kernel_1d(s).astype(np.float32) if s > 0
+                            else np.ones(1, np.float32) for s in key]
+    return _taps_cache[key]
+
+
+def _q_window(sigma_qs: Sequence[float], big: int) -> tuple:
+    """``(w, lo, hi)`` of :func:`ring_q_multi`'s kernel: the taps of each sigma_q centred
+    in a window of ``2 big + 1`` and their first and end tap; cached (a search asks for
+    the same few sets on every call)."""
+    key = (tuple(float(q) for q in sigma_qs), int(big))
+    if key not in _window_cache:
+        ks = _q_taps(sigma_qs)
+        w = np.zeros((len(ks), 2 * big + 1), np.float32)
+        lo = np.empty(len(ks), np.int64)
+        for i, k in enumerate(ks):
+            lo[i] = big - k.size // 2
+            w[i, lo[i]:lo[i] + k.size] = k
+        hi = lo + np.array([k.size for k in ks], np.int64)
+        _window_cache[key] = (w, lo, hi)
+    return _window_cache[key]
+
+
 def ring_q_multi(polar: MultiPolar, grid: MultiRingGrid, rho: np.ndarray, u: np.ndarray,
                  sigma_qs: Sequence[float], inv: np.ndarray | None = None,
                  seg: tuple | None = None, grid2: MultiRingGrid | None = None,
@@ -395,20 +427,11 @@ def ring_q_multi(polar: MultiPolar, grid: MultiRingGrid, rho: np.ndarray, u: np.
     numpy.ndarray or tuple
         float32 ``(len(sigma_qs), n)``; a pair of them with ``grid2``.
     """
-    from .kde_filters import gaussian_kernel_1d
-
-    ks = [gaussian_kernel_1d(s).astype(np.float32) if s > 0 else np.ones(1, np.float32)
-          for s in sigma_qs]
+    ks = _q_taps(sigma_qs)
     rad = max(k.size // 2 for k in ks)
     if seg is None or seg[0] < rad:
         seg = segments(polar, grid, rho, u, max(rad, 16))
-    big = seg[0]
-    w = np.zeros((len(ks), 2 * big + 1), np.float32)
-    lo = np.empty(len(ks), np.int64)
-    for i, k in enumerate(ks):
-        lo[i] = big - k.size // 2
-        w[i, lo[i]:lo[i] + k.size] = k
-    hi = lo + np.array([k.size for k in ks], np.int64)
+    w, lo, hi = _q_window(sigma_qs, seg[0])
     if inv is None:
         inv = np.ones((len(ks), rho.size), np.float32)
     out = np.empty((len(ks), rho.size), np.float32)

@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .kde import Geometry
     from .kde_filters import PolarGrid
 
-__all__ = ["RingGrid", "RowScorer", "cv_band_sums"]
+__all__ = ["RingGrid", "RowScorer", "band_runs", "cv_band_sums"]
 
 _ONE = np.ones(1, np.float32)
 # ring spectra are cut where the Gaussian's transfer function falls below exp(-TAIL^2/2)
@@ -173,9 +173,21 @@ def _vertical():
 _cv_kernel = None
 
 
+def band_runs(band_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of equal values in ``band_of``: ``(starts, bands)``, ``starts`` of length
+    ``n_runs + 1`` (the last is ``band_of.size``), as :func:`cv_band_sums` takes them."""
+    band_of = np.ascontiguousarray(band_of, np.int64)
+    if not band_of.size:
+        return np.zeros(1, np.int64), np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.diff(band_of)) + 1
+    starts = np.concatenate([[0], starts, [band_of.size]]).astype(np.int64)
+    return starts, np.ascontiguousarray(band_of[starts[:-1]])
+
+
 def cv_band_sums(est_a: np.ndarray, est_b: np.ndarray, raw_a: np.ndarray, raw_b: np.ndarray,
                  noise: np.ndarray, weight: np.ndarray, ok: np.ndarray, band_of: np.ndarray,
-                 n_bands: int) -> np.ndarray:
+                 n_bands: int, runs: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> np.ndarray:
     """Per-band sums of the two-fold cross-validation terms of a block of candidates.
 
     For candidate ``c`` and scored bin ``p`` (skipped unless ``ok[p]``), with
@@ -197,6 +209,9 @@ def cv_band_sums(est_a: np.ndarray, est_b: np.ndarray, raw_a: np.ndarray, raw_b:
         ``(n_bins,)`` radial band of each bin.
     n_bands
         Number of bands.
+    runs
+        :func:`band_runs` of ``band_of`` when the caller keeps it (a search sums several
+        blocks over the same bins).
 
     Returns
     -------
@@ -248,18 +263,13 @@ def cv_band_sums(est_a: np.ndarray, est_b: np.ndarray, raw_a: np.ndarray, raw_b:
                     out[3, c, k] += s3
 
         _cv_kernel = kern
-    band_of = np.ascontiguousarray(band_of, np.int64)
     # runs of equal bands (any order of bins works; sorted by band gives one run per band)
-    starts = np.flatnonzero(np.diff(band_of)) + 1
-    starts = np.concatenate([[0], starts, [band_of.size]]).astype(np.int64)
-    bands = band_of[starts[:-1]] if band_of.size else np.zeros(0, np.int64)
-    if not band_of.size:
-        starts = np.zeros(1, np.int64)
+    starts, bands = band_runs(band_of) if runs is None else runs
     out = np.zeros((4, est_a.shape[0], n_bands))
     _cv_kernel(np.ascontiguousarray(est_a), np.ascontiguousarray(est_b),
                np.ascontiguousarray(raw_a, np.float64), np.ascontiguousarray(raw_b, np.float64),
                np.ascontiguousarray(noise, np.float64), np.ascontiguousarray(weight, np.float64),
-               np.ascontiguousarray(ok, np.bool_), starts, np.ascontiguousarray(bands), out)
+               np.ascontiguousarray(ok, np.bool_), starts, bands, out)
     return out
 
 
@@ -342,9 +352,27 @@ class RowScorer:
         self._inv_ring: dict[tuple[float, float], np.ndarray] = {}
         self._interp: dict[int, tuple] = {}
         self._tf: dict[tuple, np.ndarray] = {}
+        self._inv_stack: dict[tuple, np.ndarray] = {}
+        self._vert: np.ndarray | None = None
+        self._runs: tuple | None = None
+
+    @property
+    def band_of(self) -> np.ndarray:
+        """Radial band of each scored pixel (int64, ``idx`` order)."""
+        return self.runs[0]
+
+    @property
+    def runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(band_of, starts, bands)``: :attr:`band_of` and its :func:`band_runs` (cached:
+        every search sums its candidates over the same pixels)."""
+        if self._runs is None:
+            band_of = np.ascontiguousarray(self.geometry.band.ravel()[self.idx], np.int64)
+            self._runs = (band_of, *band_runs(band_of))
+        return self._runs
 
     def iso(self, frame: np.ndarray, sigmas: Sequence[float],
-            frame2: np.ndarray | None = None) -> list[np.ndarray]:
+            frame2: np.ndarray | None = None,
+            out: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
         """Masked, normalised isotropic smoothing of ``frame`` at the scored pixels.
 
         Parameters
@@ -357,6 +385,9 @@ class RowScorer:
             Optional float32 frame added to ``frame`` as it is read (e.g. the two thinned
             halves of integer counts: their float32 sum is exact below 2^24 counts per
             pixel, so this equals smoothing the counts without a converted copy).
+        out
+            Optional float32 arrays (one per sigma, of the scored pixels' size) to write
+            the values into (e.g. rows of the caller's block of candidates).
 
         Returns
         -------
@@ -375,8 +406,11 @@ class RowScorer:
                 inv = np.zeros(den.shape, np.float32)
                 np.divide(1.0, den, out=inv, where=den > 1e-12)
                 self._inv_iso[s] = inv
-        return [v * self._inv_iso[float(s)]
-                for s, v in zip(sigmas, self._rows_filtered(frame, sigmas, frame2), strict=True)]
+        vals = self._rows_filtered(frame, sigmas, frame2)
+        if out is None:
+            out = [None] * len(vals)
+        return [np.multiply(v, self._inv_iso[float(s)], out=o)
+                for s, v, o in zip(sigmas, vals, out, strict=True)]
 
     def _taps(self, sigma: float) -> np.ndarray:
         """float32 Gaussian taps of ``sigma`` (those of ``IsoFilter(mask, sigma).k``)."""
@@ -395,7 +429,11 @@ class RowScorer:
         for i, k in enumerate(taps):
             w[i, rad - rads[i]:rad + rads[i] + 1] = k
         # the vertical pass on the scored rows only, each sigma with its own taps
-        vert = np.empty((len(taps), self.rows.size, self.geometry.shape[1]), np.float32)
+        # one work buffer kept (its rows are read back before the next call)
+        shape = (len(taps), self.rows.size, self.geometry.shape[1])
+        if self._vert is None or self._vert.shape[0] < shape[0]:
+            self._vert = np.empty(shape, np.float32)
+        vert = self._vert[:shape[0]]
         f2 = (np.empty((0, 0), np.float32) if frame2 is None
               else np.ascontiguousarray(frame2, np.float32))
         _vertical()(np.ascontiguousarray(frame, np.float32), f2, self.rows, w, rads, vert)
@@ -492,18 +530,32 @@ class RowScorer:
         return self._tf[key]
 
     def ring_at_pair(self, grid_a: MultiRingGrid, grid_b: MultiRingGrid,
-                     sigma_qs: Sequence[float]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                     sigma_qs: Sequence[float],
+                     out: tuple[np.ndarray, np.ndarray] | None = None,
+                     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """:meth:`ring_at` of two grids of the same ``sigma_ring`` (the two thinned
         halves) in one pass; multi-resolution grids only (:attr:`polar` a
-        :class:`~smartbeam.analysis.kde_mrgrid.MultiPolar`)."""
+        :class:`~smartbeam.analysis.kde_mrgrid.MultiPolar`). ``out``: optional float32
+        ``(len(sigma_qs), n_pixels)`` arrays to write the values of each half into."""
         if not self._multi:
-            return self.ring_at(grid_a, sigma_qs), self.ring_at(grid_b, sigma_qs)
+            va, vb = self.ring_at(grid_a, sigma_qs), self.ring_at(grid_b, sigma_qs)
+            if out is not None:
+                for dst, vals in zip(out, (va, vb), strict=True):
+                    dst[...] = vals
+            return va, vb
         if not len(sigma_qs):
             return [], []
-        inv = np.stack([self._multi_inv(float(q), grid_a.sigma_ring) for q in sigma_qs])
+        key = (grid_a.sigma_ring, tuple(float(q) for q in sigma_qs))
+        inv = self._inv_stack.get(key)
+        if inv is None:
+            inv = self._inv_stack[key] = np.stack([self._multi_inv(q, grid_a.sigma_ring)
+                                                   for q in key[1]])
         va, vb = ring_q_multi(self.polar, grid_a, self._rho, self._phi, sigma_qs, inv,
                               self._segments(grid_a), grid2=grid_b)
-        return (list(np.take(va, self._uinv, axis=1)), list(np.take(vb, self._uinv, axis=1)))
+        if out is None:
+            out = (None, None)
+        return (list(np.take(va, self._uinv, axis=1, out=out[0])),
+                list(np.take(vb, self._uinv, axis=1, out=out[1])))
 
     def ring_at(self, grid: RingGrid, sigma_qs: Sequence[float]) -> list[np.ndarray]:
         """Ring kernels at the scored pixels from a :meth:`ring_grid` result.
