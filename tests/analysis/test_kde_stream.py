@@ -77,3 +77,26 @@ def test_error_model_limits(silica):
     assert pooled.time_to_target(0.03) == pytest.approx(model.time_to_target(0.03))
     with pytest.raises(SmartbeamInputError, match="target"):
         model.time_to_target(0.0)
+
+
+def test_result_smooths_the_narrow_sum_as_read_and_equals_the_widened_one(silica):
+    # the emit reads the accumulator's uint16 fast sum itself (no int32 copy); counts are
+    # converted to float32 exactly either way, so selection and smoothing are unchanged
+    from smartbeam.analysis.kde import kde_estimate
+
+    _, g, mu1 = silica
+    rng = np.random.default_rng(5)
+    st = StreamingKDE(g, seed=3)
+    for _ in range(4):
+        st.add(rng.poisson(mu1 * 20).astype(np.int32), 1.0)
+    counts = st.acc.counts
+    if st.acc._sum.dtype == np.uint16:  # the fused (numba) path
+        assert counts.dtype == np.uint16 and not counts.flags.writeable
+        assert np.shares_memory(counts, st.acc._sum)
+    assert np.array_equal(counts, st.acc.total)
+    got = st.result()
+    want = kde_estimate(st.acc.total, g, rng=np.random.default_rng(3))
+    assert [k.describe() for k in got.kernels] == [k.describe() for k in want.kernels]
+    assert np.array_equal(got.smoothed, want.smoothed)
+    assert np.array_equal(got.variance, want.variance)
+    assert np.array_equal(got.selection.cv_score, want.selection.cv_score)

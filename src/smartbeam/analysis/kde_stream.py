@@ -213,6 +213,24 @@ class FrameAccumulator:
             return self._sum.astype(np.int32) if self._sum.dtype == _NARROW else self._sum
         return self._spill + self._sum
 
+    @property
+    def counts(self) -> np.ndarray | None:
+        """The running sum as the smoothing reads it: the live uint16 fast sum itself when
+        nothing was spilled (a read-only view: no widening copy), else :attr:`total`.
+
+        Smoothing and selection convert counts to float32 as they read them (exact for
+        any integer dtype up to 2^24), so they give the same results from this as from
+        :attr:`total`; at 2048^2 the int32 copy of :attr:`total` measured ~1.4 ms and
+        converting the uint16 sum ~0.5 ms less than converting an int32 one (one core).
+        """
+        if self._sum is None:
+            return None
+        if self._spill is None and self._sum.dtype == _NARROW:
+            view = self._sum.view()
+            view.flags.writeable = False
+            return view
+        return self.total
+
     def _limit(self) -> int:
         # no pixel of the fast sum may pass this (int32 bound kept as a module constant);
         # np.iinfo costs ~6 us, a third of a 128^2 add: looked up once per dtype
@@ -420,10 +438,11 @@ class StreamingKDE:
         variance
             Also compute the variance map (one more convolution per distinct kernel).
         """
-        if self.acc.total is None:
+        counts = self.acc.counts  # the narrow sum itself when it is uint16 (no copy)
+        if counts is None:
             raise SmartbeamInputError("no frame accumulated yet: expected at least one frame "
                                       "before asking for a result")
-        res = kde_estimate(self.acc.total, self.geometry, product=self.product,
+        res = kde_estimate(counts, self.geometry, product=self.product,
                            candidates=self.candidates, n_splits=self.n_splits, rng=self.rng,
                            variance=variance)
         self.history_exposure.append(self.acc.exposure)

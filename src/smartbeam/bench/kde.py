@@ -313,8 +313,13 @@ def _throughput(quick: bool, rng: np.random.Generator) -> dict:
                         **kw)
 
     g2048 = geom(2048)
-    # what an emit smooths: the int32 running sum of the accumulator
-    x2048 = rng.poisson(2.0, (2048, 2048)).astype(np.int32)
+    # what an emit smooths: the accumulator's running sum as StreamingKDE reads it
+    # (FrameAccumulator.counts: the uint16 fast sum itself on the numba path)
+    acc = FrameAccumulator()
+    for _ in range(4):
+        acc.add(rng.poisson(0.5, (2048, 2048)).astype(np.int32))
+    x2048 = acc.counts
+    out["smooth_input_dtype"] = str(x2048.dtype)
     rep = 7 if quick else 21
     for sigma in (1.0, 4.0):
         smooth(x2048, g2048, Kernel.iso(sigma))  # first call builds the cached normaliser
@@ -323,6 +328,12 @@ def _throughput(quick: bool, rng: np.random.Generator) -> dict:
                               key)
         out[f"smooth_ms_2048_iso{sigma:g}_scipy_f64"] = _median_ms(
             lambda s=sigma: smooth(x2048, g2048, Kernel.iso(s), backend="scipy"), 3)
+    # the same counts as an int32 frame (what an emit smoothed before it read the uint16
+    # sum as it is; acc.total still widens it)
+    x2048_i32 = acc.total.astype(np.int32)
+    out["smooth_ms_2048_iso1_int32_frame"] = _median_ms(
+        lambda: smooth(x2048_i32, g2048, Kernel.iso(1.0)), rep, cpu,
+        "smooth_ms_2048_iso1_int32_frame")
     smooth(x2048, g2048, Kernel.ring(1.0, 8.0))
     out["smooth_ms_2048_ring"] = _median_ms(
         lambda: smooth(x2048, g2048, Kernel.ring(1.0, 8.0)), 3, cpu, "smooth_ms_2048_ring")
