@@ -5,7 +5,7 @@ import pytest
 
 from smartbeam.analysis.kde import Geometry, Kernel, select_bandwidths, smooth
 from smartbeam.analysis.kde_filters import ring_gaussian
-from smartbeam.analysis.kde_score import RowScorer, cv_band_sums
+from smartbeam.analysis.kde_score import RowScorer, cv_band_sums, pilot_terms, split_terms
 
 
 def _geometry(n=160, centre=(70.4, 90.7)):
@@ -207,3 +207,37 @@ def test_row_scorer_selection_scores_do_not_depend_on_candidate_order():
                           max_score_pixels=3000, search="full")
     assert np.array_equal(b.cv_score, a.cv_score[perm])
     assert np.array_equal(b.variance, a.variance[perm])
+
+
+def test_pilot_and_split_terms_equal_the_numpy_formulas_bitwise():
+    # the selection's per-pixel terms from one pass each: the same floats as the numpy
+    # expressions they replace (the per-band sums add in pixel order, as bincount does)
+    g = _geometry()
+    sc = g.row_scorer(3000)
+    rng = np.random.default_rng(21)
+    ha = g.masked32(rng.poisson(3.0, g.shape))
+    hb = g.masked32(rng.poisson(3.0, g.shape))
+    pilot = rng.normal(2.0, 1.5, sc.idx.size).astype(np.float32)  # some below the floor
+    pilot[5] = np.inf  # not ok
+    floor = 0.37
+    band = sc.band_of
+    ok, weight, sig2, n_ok = pilot_terms(pilot, floor, band, g.n_bands)
+    with np.errstate(invalid="ignore"):
+        pp = np.maximum(pilot, floor).astype(np.float64)
+        want_ok = np.isfinite(pp)
+        want_w = np.where(want_ok, 1.0 / np.where(want_ok, pp, 1.0), 0.0)
+        ps = np.maximum(pilot, 0.0).astype(np.float64)
+        want_s2 = np.bincount(band, weights=np.where(want_ok, (ps / 2) ** 2, 0.0),
+                              minlength=g.n_bands)
+    assert not ok[5] and np.array_equal(ok, want_ok) and np.array_equal(weight, want_w)
+    assert np.array_equal(sig2, want_s2)
+    assert np.array_equal(n_ok, np.bincount(band[want_ok], minlength=g.n_bands))
+    pa, pb, ra, rb, noise, chi2 = split_terms(ha, hb, sc.idx, ok, weight, band, g.n_bands)
+    prof = [h.ravel()[sc.idx] for h in (ha, hb)]
+    raw = [np.where(ok, p.astype(np.float64), 0.0) for p in prof]
+    want_noise = np.where(ok, 0.5 * (raw[0] + raw[1]), 0.0)
+    assert np.array_equal(pa, prof[0]) and np.array_equal(pb, prof[1])
+    assert np.array_equal(ra, raw[0]) and np.array_equal(rb, raw[1])
+    assert np.array_equal(noise, want_noise)
+    assert np.array_equal(chi2, np.bincount(band, weights=want_noise * weight,
+                                            minlength=g.n_bands))

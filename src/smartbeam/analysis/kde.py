@@ -32,7 +32,7 @@ from .kde_filters import (
     ring_gaussian,
 )
 from .kde_mrgrid import MultiPolar
-from .kde_score import RowScorer, cv_band_sums
+from .kde_score import RowScorer, cv_band_sums, pilot_terms, split_terms
 from .kde_thin import bin_cells, bin_frame, thin_masked
 
 __all__ = [
@@ -861,23 +861,28 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
             pilot_at = scorer.iso(geometry.masked32(x, slot=0), [2.0])[0]
         pilot_mean = float(pilot_at.mean())
     floor = max(0.05 * pilot_mean, 1e-12)
-    pilot_p = np.maximum(pilot_at, floor).astype(np.float64)
-    # the signal (for relative errors) from the unfloored pilot
-    pilot_signal = np.maximum(pilot_at, 0.0).astype(np.float64)
-    if scorer is not None:
-        nb = np.ones(idx.size)
-        band_of = scorer.band_of  # cached with its runs of equal bands
-    elif idx is not None:
-        nb = np.ones(idx.size)
-        band_of = geometry.band.ravel()[idx]
-    else:
-        nb = _bin_counts(geometry, product)
-        band_of = _bin_band(geometry, product)
-    ok = np.isfinite(pilot_p) & (nb > 0)
-    nb_safe = np.where(nb > 0, nb, 1.0)
-    # raw variance of each product bin per unit pilot density: mu / N_bin
-    weight = np.where(ok, nb / np.where(ok, pilot_p, 1.0), 0.0)
     n_bands = geometry.n_bands
+    n_ok = None
+    if scorer is not None:
+        # one pixel per bin: the same terms as below from one pass (pilot_terms)
+        band_of = scorer.band_of  # cached with its runs of equal bands
+        ok, weight, sig2_split, n_ok = pilot_terms(pilot_at, floor, band_of, n_bands)
+    else:
+        pilot_p = np.maximum(pilot_at, floor).astype(np.float64)
+        # the signal (for relative errors) from the unfloored pilot
+        pilot_signal = np.maximum(pilot_at, 0.0).astype(np.float64)
+        if idx is not None:
+            nb = np.ones(idx.size)
+            band_of = geometry.band.ravel()[idx]
+        else:
+            nb = _bin_counts(geometry, product)
+            band_of = _bin_band(geometry, product)
+        ok = np.isfinite(pilot_p) & (nb > 0)
+        nb_safe = np.where(nb > 0, nb, 1.0)
+        # raw variance of each product bin per unit pilot density: mu / N_bin
+        weight = np.where(ok, nb / np.where(ok, pilot_p, 1.0), 0.0)
+        sig2_split = np.bincount(band_of, weights=np.where(ok, (pilot_signal / 2) ** 2, 0.0),
+                                 minlength=n_bands)
     shape = (len(candidates), n_bands)
     score, mse, var, var_w = (np.zeros(shape) for _ in range(4))
     sig2 = np.zeros(n_bands)
@@ -896,12 +901,18 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         else:
             h32 = list(thin_masked(x, geometry, rng, out=(geometry.scratch(2 + 2 * s_),
                                                            geometry.scratch(3 + 2 * s_))))
-        prof = [profile(h) for h in h32]
-        raw = [np.where(ok, p_.astype(np.float64), 0.0) for p_ in prof]
-        # Poisson variance of one half's bin, estimated by its own (unbiased) counts
-        noise = np.where(ok, 0.5 * (raw[0] + raw[1]) / nb_safe, 0.0)
-        chi2_noise += band_sum(noise * weight)
-        sig2 += band_sum(np.where(ok, (pilot_signal / 2) ** 2, 0.0))
+        if scorer is not None:
+            *prof, raw_a, raw_b, noise, chi2 = split_terms(*h32, idx, ok, weight, band_of,
+                                                            n_bands)
+            raw = [raw_a, raw_b]
+            chi2_noise += chi2
+        else:
+            prof = [profile(h) for h in h32]
+            raw = [np.where(ok, p_.astype(np.float64), 0.0) for p_ in prof]
+            # Poisson variance of one half's bin, estimated by its own (unbiased) counts
+            noise = np.where(ok, 0.5 * (raw[0] + raw[1]) / nb_safe, 0.0)
+            chi2_noise += band_sum(noise * weight)
+        sig2 += sig2_split
         # ring kernels: one FFT along the ring per half, one inverse per sigma_ring, shared
         # by every sigma_q (the candidates come grouped by sigma_ring)
         splits.append({"h32": h32, "prof": prof, "raw": raw, "noise": noise,
@@ -1051,7 +1062,7 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
     for arr in (score, mse, var, var_w, sig2, chi2_noise):
         arr /= n_splits
     best = np.argmin(score, axis=0)
-    present = np.bincount(band_of[ok], minlength=n_bands) > 0
+    present = (n_ok if n_ok is not None else np.bincount(band_of[ok], minlength=n_bands)) > 0
     kernels = [candidates[int(best[b])] if present[b] else candidates[0] for b in range(n_bands)]
     mse_best = np.maximum(mse[best, np.arange(n_bands)], 0.0)
     # bias^2 = MSE - variance (no smoothing is unbiased by construction). The MSE

@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .kde import Geometry
     from .kde_filters import PolarGrid
 
-__all__ = ["RingGrid", "RowScorer", "band_runs", "cv_band_sums"]
+__all__ = ["RingGrid", "RowScorer", "band_runs", "cv_band_sums", "pilot_terms", "split_terms"]
 
 _ONE = np.ones(1, np.float32)
 # ring spectra are cut where the Gaussian's transfer function falls below exp(-TAIL^2/2)
@@ -271,6 +271,118 @@ def cv_band_sums(est_a: np.ndarray, est_b: np.ndarray, raw_a: np.ndarray, raw_b:
                np.ascontiguousarray(noise, np.float64), np.ascontiguousarray(weight, np.float64),
                np.ascontiguousarray(ok, np.bool_), starts, bands, out)
     return out
+
+
+_terms_kernels = None
+
+
+def _terms():
+    """numba kernels of :func:`pilot_terms` and :func:`split_terms` (compiled once).
+
+    No fastmath: the per-band sums add in pixel order like ``np.bincount``, so the terms
+    equal the numpy formulas they replace bitwise (~1.4 ms of ~15 numpy passes over the
+    scored pixels per selection at 1024^2).
+    """
+    global _terms_kernels
+    if _terms_kernels is None:
+        import numba
+
+        @numba.njit(nogil=True, cache=True)
+        def pilot(pilot_at, floor, band_of, ok, weight, sig2, n_ok):  # pragma: no cover
+            for k in range(pilot_at.size):
+                p = pilot_at[k]
+                # np.maximum(pilot_at, floor) in float32 (NaN kept), then float64
+                pp = np.float64(p if (p >= floor or p != p) else floor)
+                good = np.isfinite(pp)
+                ok[k] = good
+                b = band_of[k]
+                if good:
+                    weight[k] = 1.0 / pp
+                    ps = np.float64(p if (p >= 0 or p != p) else np.float32(0.0)) / 2.0
+                    sig2[b] += ps * ps
+                    n_ok[b] += 1
+                else:
+                    weight[k] = 0.0
+                    sig2[b] += 0.0
+
+        @numba.njit(nogil=True, cache=True)
+        def split(h_a, h_b, idx, ok, weight, band_of, prof_a, prof_b, raw_a, raw_b,
+                  noise, chi2):  # pragma: no cover - runs compiled
+            fa = h_a.reshape(-1)
+            fb = h_b.reshape(-1)
+            for k in range(idx.size):
+                a = fa[idx[k]]
+                b = fb[idx[k]]
+                prof_a[k] = a
+                prof_b[k] = b
+                if ok[k]:
+                    ra = np.float64(a)
+                    rb = np.float64(b)
+                    nz = 0.5 * (ra + rb)
+                else:
+                    ra = rb = nz = 0.0
+                raw_a[k] = ra
+                raw_b[k] = rb
+                noise[k] = nz
+                chi2[band_of[k]] += nz * weight[k]
+
+        _terms_kernels = (pilot, split)
+    return _terms_kernels
+
+
+def pilot_terms(pilot_at: np.ndarray, floor: float, band_of: np.ndarray, n_bands: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Chi^2 weights and signal of the scored pixels from the pilot, one pass.
+
+    Parameters
+    ----------
+    pilot_at
+        float32 pilot estimate at the scored pixels.
+    floor
+        Floor of the pilot in the weights (applied in float32).
+    band_of
+        int64 radial band of each scored pixel.
+    n_bands
+        Number of bands.
+
+    Returns
+    -------
+    ok, weight, sig2, n_ok
+        ``ok``: the floored pilot is finite; ``weight = 1 / max(pilot, floor)`` (0 where
+        not ok); per band, ``sig2`` the sum of ``(max(pilot, 0) / 2)^2`` over the ok
+        pixels and ``n_ok`` their number.
+    """
+    n = pilot_at.size
+    ok = np.empty(n, np.bool_)
+    weight = np.empty(n)
+    sig2 = np.zeros(n_bands)
+    n_ok = np.zeros(n_bands, np.int64)
+    _terms()[0](np.ascontiguousarray(pilot_at, np.float32), np.float32(floor),
+                np.ascontiguousarray(band_of, np.int64), ok, weight, sig2, n_ok)
+    return ok, weight, sig2, n_ok
+
+
+def split_terms(h_a: np.ndarray, h_b: np.ndarray, idx: np.ndarray, ok: np.ndarray,
+                weight: np.ndarray, band_of: np.ndarray, n_bands: int) -> tuple:
+    """The two thinned halves at the scored pixels and their noise terms, one pass.
+
+    Returns
+    -------
+    prof_a, prof_b, raw_a, raw_b, noise, chi2_noise
+        float32 values of the halves at ``idx``; the same as float64, 0 where not
+        ``ok``; ``noise = (raw_a + raw_b) / 2`` (the Poisson variance of one half);
+        per band, the sum of ``noise * weight``.
+    """
+    n = idx.size
+    prof_a, prof_b = np.empty(n, np.float32), np.empty(n, np.float32)
+    raw_a, raw_b, noise = np.empty(n), np.empty(n), np.empty(n)
+    chi2 = np.zeros(n_bands)
+    _terms()[1](np.ascontiguousarray(h_a, np.float32), np.ascontiguousarray(h_b, np.float32),
+                np.ascontiguousarray(idx, np.int64), np.ascontiguousarray(ok, np.bool_),
+                np.ascontiguousarray(weight, np.float64),
+                np.ascontiguousarray(band_of, np.int64), prof_a, prof_b, raw_a, raw_b,
+                noise, chi2)
+    return prof_a, prof_b, raw_a, raw_b, noise, chi2
 
 
 class RingGrid:
