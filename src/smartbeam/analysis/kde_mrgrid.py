@@ -251,6 +251,30 @@ class MultiPolar:
             self._tf[key] = np.ascontiguousarray(ccs[:, :n_pack])
         return self._tf[key]
 
+    def _layout(self, sigma_ring: float) -> tuple:
+        """``(n_out, sizes, offset, n_pack)`` of :meth:`ring_grid` per group for
+        ``sigma_ring`` (cached: the same few bandwidths on every selection)."""
+        key = ("layout", sigma_ring)
+        if key not in self._tf:
+            n_g = self.r0.size
+            n_out = self.n_phi_g.copy()
+            n_pack = [0] * n_g
+            if sigma_ring > 0:
+                for g in range(n_g):
+                    r_max = float(self.r0[g] + self.n_rows[g])
+                    m = int(np.ceil(_TAIL * r_max / sigma_ring)) + 2
+                    n = _even_fast_len(max(2 * (m - 1), int(np.ceil(
+                        2 * np.pi * r_max / (_ARC_STEP * sigma_ring)))))
+                    if n < self.n_phi_g[g] and m < self.n_phi_g[g] // 2 + 1:
+                        n_out[g] = n
+                        n_pack[g] = 2 * min(m, n // 2) - 1
+            sizes = n_out * self.n_rows
+            offset = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+            for a in (n_out, sizes, offset):
+                a.flags.writeable = False  # shared by every grid of this layout
+            self._tf[key] = (n_out, sizes, offset, n_pack)
+        return self._tf[key]
+
     def ring_grid(self, spectra: Sequence[np.ndarray] | None, cells: np.ndarray,
                   sigma_ring: float) -> MultiRingGrid:
         """Filter every group along the ring, at the azimuthal sampling the kernel needs.
@@ -276,20 +300,9 @@ class MultiPolar:
             across groups weighs the radii as a uniform grid does (a cell of a coarser
             group holds more pixels); numerator and normaliser get the same scale.
         """
-        n_g = self.r0.size
-        n_out = self.n_phi_g.copy()
-        if sigma_ring > 0:
-            for g in range(n_g):
-                r_max = float(self.r0[g] + self.n_rows[g])
-                m = int(np.ceil(_TAIL * r_max / sigma_ring)) + 2
-                n = _even_fast_len(max(2 * (m - 1), int(np.ceil(
-                    2 * np.pi * r_max / (_ARC_STEP * sigma_ring)))))
-                if n < self.n_phi_g[g] and m < self.n_phi_g[g] // 2 + 1:
-                    n_out[g] = n
-        sizes = n_out * self.n_rows
-        offset = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        n_out, sizes, offset, n_packs = self._layout(float(sigma_ring))
         buf = np.empty(int(sizes.sum()), np.float32)
-        for g in range(n_g):
+        for g in range(self.r0.size):
             n_phi, n = int(self.n_phi_g[g]), int(n_out[g])
             if sigma_ring <= 0:
                 vals = self.group(cells, g) * np.float32(n_phi / self.n_phi)
@@ -298,9 +311,7 @@ class MultiPolar:
                 if n == n_phi:
                     prod = np.multiply(spec, self._transfer(g, sigma_ring, n_phi))
                 else:
-                    m = min(int(np.ceil(_TAIL * float(self.r0[g] + self.n_rows[g])
-                                        / sigma_ring)) + 2, n // 2)
-                    n_pack = 2 * m - 1
+                    n_pack = n_packs[g]
                     prod = np.zeros((spec.shape[0], n), np.float32)
                     np.multiply(spec[:, :n_pack], self._transfer(g, sigma_ring, n_pack),
                                 out=prod[:, :n_pack])
