@@ -15,6 +15,11 @@ with an ophyd soft motor and a detector that counts both helicities on the simul
 field mu_iso; family over ``target_delta``); ``gpcam`` (gpCAM ``GPOptimizer`` variance acquisition, if installed);
 ``smartbeam`` (m_orb variance reduction per unit cost, warped GP, scheduled refits);
 ``smartbeam_moments`` (the same, targeting m_orb and m_spin together: ``target="moments"``).
+
+``design_bound`` (per case): the posterior sd of m_orb of the best N-point design the GP
+estimator allows, searched offline with the truth's hyperparameters, edges and noise (see
+:func:`_design_bound`). It says how much any choice of energies can still buy at this noise,
+and how far each strategy's own stated sd (``m_orb_sd_rel_median``) is from it.
 """
 
 from __future__ import annotations
@@ -67,6 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-step", type=int, default=0, metavar="K",
                         help="judge every strategy every K points up to 64 (0: at 12, 16, "
                              "..., 32, 40, ..., 64)")
+    parser.add_argument("--design-bound", type=int, default=48, metavar="N",
+                        help="also compute, per case, the posterior sd of m_orb of the best "
+                             "design of up to N points the estimator allows (greedy + "
+                             "exchange with the truth's hyperparameters and noise; 48; "
+                             "--quick: 32; 0: skip)")
     parser.add_argument("--json", action="store_true", help="print JSON only (CLI)")
 
 
@@ -103,6 +113,76 @@ def _measure(sample, e, rng, dwell):
         out += [mu, mu**2 * (1.0 / max(c["tey"][0], 1) + 1.0 / c["i0"][0])]
     mp, vp, mm, vm = out
     return mp, mm, vp, vm
+
+
+def _expected_point(sample, e: np.ndarray, dwell: float) -> tuple[np.ndarray, ...]:
+    """Noiseless mu+, mu- at ``e`` with the counting-noise variances of one point."""
+    n0 = sample.truth.flux * dwell
+    out = []
+    for h in (1, -1):
+        mu = sample.mu(e, h)
+        out += [mu, mu**2 * (1.0 / (n0 * mu) + 1.0 / n0)]
+    mp, vp, mm, vm = out
+    return mp, mm, vp, vm
+
+
+def _design_bound(task: dict) -> dict:
+    """Posterior sd of m_orb of the best N-point design the GP estimator allows.
+
+    With fixed hyperparameters a GP's posterior variance does not depend on the measured
+    values, so the best design can be searched offline: hyperparameters and edges are those
+    the estimator fits to a noiseless dense (201-point) scan of the truth, the noise is the
+    truth's expected counting noise, and the design is greedy (the point that most reduces
+    var(m_orb), from 4 uniform points) followed by one exchange sweep (each point in turn
+    moved to the best of ``candidates`` energies). No sequential strategy, which must also
+    learn the edges and hyperparameters from its own noisy points, can be expected to beat
+    it: it bounds what any design buys with this estimator at this noise.
+    """
+    from threadpoolctl import threadpool_limits
+
+    from sim_devices.physics.xmcd import XMCDSample, XMCDTruth
+    from smartbeam.analysis.gp import XMCDGP
+
+    truth = XMCDTruth.from_dict(task["truth"])
+    sample = XMCDSample(truth)
+    true_m_orb = abs(sample.true_moments()["m_orb"])
+    dwell, sizes = task["dwell"], sorted(task["sizes"])
+    with threadpool_limits(1):
+        dense = sample.dense_grid(201)
+        model = XMCDGP(*truth.window, truth.n_h, edges=tuple(task["hint"]))
+        model.fit(dense, *_expected_point(sample, dense, dwell))
+        grid = model.grid
+
+        def posterior(design: list[float]) -> XMCDGP:
+            e = np.sort(np.asarray(design, dtype=float))
+            m = model.spawn()
+            m.fit(e, *_expected_point(sample, e, dwell), refit=False)
+            return m
+
+        def sd(design: list[float]) -> float:
+            return float(posterior(design).moments()["m_orb_sd"]) / true_m_orb
+
+        design = list(np.linspace(*truth.window, 4))
+        candidates = grid[:: max(1, grid.size // task.get("candidates", 50))]
+        greedy, best = {}, {}
+        while len(design) < sizes[-1]:
+            red = posterior(design).variance_reduction("m_orb")
+            design.append(float(grid[int(np.argmax(red))]))
+            n = len(design)
+            if n not in sizes:
+                continue
+            greedy[n] = cur = sd(design)
+            trial_design = list(design)
+            for i in range(n):
+                for c in candidates:
+                    trial = list(trial_design)
+                    trial[i] = float(c)
+                    v = sd(trial)
+                    if v < cur:
+                        cur, trial_design = v, trial
+            best[n] = cur
+    return {"case": task["case"], "greedy": greedy, "exchange": best,
+            "hyperparameters": model.hyperparameters()}
 
 
 def _checkpoints(n_init: int, budget: int, step: int = 0) -> list[int]:
@@ -263,6 +343,8 @@ def _one(task: dict) -> dict:
         ref = need if need is not None else ns[-1]
         rec = {"points": need, "points_5pct": need5,
                "m_orb_rel_err": {str(n): float(err[n]) for n in ns},
+               "m_orb_sd_rel": {str(n): float(est_at[n]["m_orb_sd"] / abs(true["m_orb"]))
+                                for n in ns},
                "m_spin_rel_err_at_points": float(abs(est_at[ref]["m_spin"] / true["m_spin"] - 1)),
                "covered": [bool(abs(est_at[n]["m_orb"] - true["m_orb"]) <= est_at[n]["m_orb_sd"])
                            for n in ns if n >= 20]}
@@ -488,6 +570,10 @@ def _summarise(records: list[dict], strategy: str, dwell: float) -> dict:
            "coverage_68": float(np.mean(cov)) if cov else None,
            "dwell_s_median": (None if q(pts, 50) is None else 2 * dwell * q(pts, 50)),
            "budget_ran_out_fraction": float(np.mean(~np.isfinite(pts))), "n_runs": len(recs)}
+    sizes = sorted({int(n) for r in recs for n in r.get("m_orb_sd_rel", {})})
+    out["m_orb_sd_rel_median"] = {
+        str(n): float(np.median([r["m_orb_sd_rel"][str(n)] for r in recs
+                                 if str(n) in r.get("m_orb_sd_rel", {})])) for n in sizes}
     bt = [r["beam_time_s"] for r in recs if "beam_time_s" in r]
     if bt:
         out["beam_time_s_median_when_reached"] = float(np.median(bt))
@@ -523,13 +609,22 @@ def run(args: argparse.Namespace) -> dict:
                               budget=args.max_points, dwell=args.dwell, tol=args.tol,
                               strategies=list(args.strategies), gpcam_ok=gp_ok,
                               checkpoint_step=args.checkpoint_step, target=args.target))
+    n_bound = min(args.design_bound, 32) if args.quick else args.design_bound
+    bound_sizes = [n for n in _checkpoints(12, n_bound, args.checkpoint_step)]
+    bound_tasks = [dict(case=ci, truth=case["truth"], hint=case["hint"], dwell=args.dwell,
+                        sizes=bound_sizes) for ci, case in enumerate(cases)] if bound_sizes else []
     t0 = time.perf_counter()
-    records = []
+    records, bounds = [], {}
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         futs = [pool.submit(_one, t) for t in tasks]
+        futs += [pool.submit(_design_bound, t) for t in bound_tasks]
         for f in tqdm(as_completed(futs), total=len(futs), desc="bench adaptive",
                       file=sys.stderr):
-            records.append(f.result())
+            rec = f.result()
+            if "exchange" in rec:
+                bounds[rec["case"]] = rec
+            else:
+                records.append(rec)
     result_cases = []
     for ci, case in enumerate(cases):
         recs = [r for r in records if r["case"] == ci]
@@ -544,6 +639,13 @@ def run(args: argparse.Namespace) -> dict:
                              "true_m_orb": recs[0]["true"]["m_orb"] if recs else None,
                              "true_m_spin": recs[0]["true"]["m_spin"] if recs else None,
                              "strategies": strategies})
+        if ci in bounds:
+            b = bounds[ci]
+            result_cases[-1]["design_bound"] = {
+                "m_orb_sd_rel": {str(n): min(b["greedy"][n], b["exchange"][n])
+                                 for n in sorted(b["exchange"])},
+                "m_orb_sd_rel_greedy": {str(n): v for n, v in sorted(b["greedy"].items())},
+                "hyperparameters": b["hyperparameters"]}
     equal = None
     if args.equal_dwell:
         eq_tasks = [dict(truth=cases[0]["truth"], hint=cases[0]["hint"], n=args.equal_dwell,
