@@ -23,7 +23,7 @@ import scipy.fft as sfft
 
 from smartbeam.errors import SmartbeamInputError
 
-from .kde_emit import coarse_n_phi, lerp_tables, lerp_to_pixels
+from .kde_emit import RingEmitPlan, coarse_n_phi
 from .kde_filters import (
     IsoFilter,
     PolarGrid,
@@ -149,7 +149,7 @@ class _Region:
     flat_sel: np.ndarray  # flat pixel indices of sel_full
     cell_of_sel: np.ndarray  # polar cell of each of those pixels
     inv_px: tuple | None = None  # ((kernel, first row), ring normaliser at those pixels)
-    coarse: tuple | None = None  # ((kernel, first row, n_phi), kde_emit.lerp_tables)
+    coarse: tuple | None = None  # ((kernel, rows, n_phi), kde_emit.RingEmitPlan)
 
 
 class Geometry:
@@ -1206,7 +1206,7 @@ def apply_kernels(counts: np.ndarray, geometry: Geometry, kernels: Sequence[Kern
         else:
             n_c = coarse_n_phi(geometry.polar.n_r, geometry.polar.n_phi, kern.sigma_ring)
             if n_c is not None:
-                _apply_ring_region_coarse(geometry, masked, kern, reg, out, var, n_c)
+                _apply_ring_region_coarse(geometry, counts, kern, reg, out, var, n_c)
                 continue
             if cells is None:
                 cells = bin_frame(masked, geometry.polar)
@@ -1237,32 +1237,41 @@ def _apply_iso_region(f: IsoFilter, masked: np.ndarray, reg: _Region, out: np.nd
         np.copyto(var[box], v[inner], where=reg.sel_box)
 
 
-def _apply_ring_region_coarse(geometry: Geometry, masked: np.ndarray, kern: Kernel,
+def _apply_ring_region_coarse(geometry: Geometry, counts: np.ndarray, kern: Kernel,
                               reg: _Region, out: np.ndarray, var: np.ndarray | None,
                               n_phi: int) -> None:
     """:func:`_apply_ring_region` of a wide ring kernel on a coarser azimuthal grid
-    (:mod:`.kde_emit`), interpolated along the ring to the pixels."""
+    (:mod:`.kde_emit`), interpolated along the ring to the pixels.
+
+    ``counts`` is read as given (masked pixels are skipped by the binning): no float32
+    copy of the frame is needed for the ring bands.
+    """
     polar = geometry.ring_polar(n_phi)
     rad = (gaussian_kernel_1d(kern.sigma_q).size // 2) if kern.sigma_q > 0 else 0
     pad = 2 * rad if var is not None else rad
     r0, r1 = reg.rows
     a, b = max(r0 - pad, 0), min(r1 + pad, polar.n_r)
-    key = (kern, a, n_phi)
-    if reg.coarse is None or reg.coarse[0] != key:
-        rho = geometry.polar.r.ravel()[reg.flat_sel]
-        phi = geometry.polar.phi.ravel()[reg.flat_sel]
-        reg.coarse = (key, lerp_tables(rho, phi, n_phi, a))
-    cells = bin_frame(masked, polar)
+    key = (kern, a, b, n_phi)
+    if reg.coarse is None or reg.coarse[0] != key or reg.coarse[1].polar is not polar:
+        reg.coarse = (key, RingEmitPlan(polar, (a, b), reg.sel_full))
+    plan = reg.coarse[1]
     inv = polar.inv_den(kern.sigma_q, kern.sigma_ring)[a:b]
-    val = polar.filter_cells_cv(cells[a:b], kern.sigma_q, kern.sigma_ring, first_row=a)
-    val *= inv
-    lerp_to_pixels(val, reg.coarse[1], reg.flat_sel, out)
-    if var is not None:
-        dens = np.maximum(val, 0.0) * polar.n_cell[a:b]
-        v = polar.filter_cells_cv(dens, kern.sigma_q, kern.sigma_ring, squared=True,
-                                  first_row=a)
-        v *= inv * inv
-        lerp_to_pixels(v, reg.coarse[1], reg.flat_sel, var)
+    val = polar.filter_cells_cv(plan.bin(counts), kern.sigma_q, kern.sigma_ring, first_row=a)
+    pv = plan.padded(0)
+    est = np.multiply(val, inv, out=pv[:, :n_phi])
+    if var is None:
+        plan.to_pixels(pv, out)
+        return
+    if plan.inv2 is None:
+        plan.inv2 = inv * inv
+    # the density of each cell: the estimate times the valid pixels in it
+    dens = np.maximum(est, 0.0, out=val)
+    dens *= polar.n_cell[a:b]
+    v = polar.filter_cells_cv(dens, kern.sigma_q, kern.sigma_ring, squared=True,
+                              first_row=a)
+    pw = plan.padded(1)
+    np.multiply(v, plan.inv2, out=pw[:, :n_phi])
+    plan.to_pixels(pv, out, pw, var)
 
 
 def _apply_ring_region(polar: PolarGrid, cells: np.ndarray, kern: Kernel, reg: _Region,

@@ -6,10 +6,16 @@ for a 2048^2 detector, 3x its pixels, so binning, both DFTs and the q filter are
 that grid. A ring kernel of ``sigma_ring`` px of arc keeps no harmonic above
 ~5.3 r / sigma_ring, so for wide kernels the counts are binned on a grid of
 ``sigma_ring / 5`` px of arc at the corner (:func:`coarse_n_phi`) and the smoothed cells
-are linearly interpolated along the ring to each pixel's azimuth (:func:`lerp_to_pixels`).
+are linearly interpolated along the ring to each pixel's azimuth (:class:`RingEmitPlan`).
 The coarser cells add their box width in quadrature to the kernel: (1/5)^2 / 12 = 0.3 % of
 sigma_ring^2 at the corner (less inside); the interpolation attenuates the kept harmonics
 by at most ~0.4 % (both measured by the tests against the 1 px-of-arc path).
+
+Binning and interpolation are the passes over the ~3.4 M pixels of a 2048^2 emit, so
+they run as numba loops over runs of consecutive pixels with int32 / float32 tables
+that depend only on the geometry and the kernel (cached between emits): the earlier
+flat-index tables (int64 pixel, two int64 cells and a weight: 28 B per pixel) made the
+interpolation ~3x slower than the 8 B per pixel read here.
 """
 
 from __future__ import annotations
@@ -17,14 +23,14 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft as sfft
 
-__all__ = ["ARC_STEP", "MIN_N_PHI", "coarse_n_phi", "lerp_tables", "lerp_to_pixels"]
+__all__ = ["ARC_STEP", "MIN_N_PHI", "RingEmitPlan", "coarse_n_phi", "index_runs"]
 
 ARC_STEP = 0.2  # coarse cell, in units of sigma_ring, px of arc at the outermost radius
 # the 1 px-of-arc grid is kept below this many cells per ring (detectors under ~650 px
 # across): it is cheap there, and small detectors keep the exact emitted values
 MIN_N_PHI = 4096
 
-_kernel = None
+_kernels = None
 
 
 def coarse_n_phi(n_r: int, n_phi: int, sigma_ring: float) -> int | None:
@@ -38,33 +44,142 @@ def coarse_n_phi(n_r: int, n_phi: int, sigma_ring: float) -> int | None:
     return n if 1.5 * n <= n_phi else None
 
 
-def lerp_tables(rho: np.ndarray, phi: np.ndarray, n_phi: int, first_row: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flat cells (rows from ``first_row``) on both sides of each pixel's azimuth, and the
-    linear weight of the second; cell ``i`` of a ring is taken at its centre."""
-    u = (phi + np.pi) / (2 * np.pi)
-    pos = u * n_phi - 0.5
-    fl = np.floor(pos)
-    i0 = fl.astype(np.int64) % n_phi
-    base = (rho.astype(np.int64) - first_row) * n_phi
-    return base + i0, base + (i0 + 1) % n_phi, (pos - fl).astype(np.float32)
+def index_runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and lengths (int64) of the runs of consecutive values in ``idx``."""
+    idx = np.asarray(idx, np.int64)
+    if idx.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    brk = np.flatnonzero(np.diff(idx) != 1) + 1
+    first = np.concatenate(([0], brk))
+    lens = np.diff(np.concatenate((first, [idx.size])))
+    return idx[first], lens.astype(np.int64)
 
 
-def lerp_to_pixels(values: np.ndarray, tables: tuple, flat_sel: np.ndarray,
-                   out: np.ndarray) -> None:
-    """``out.flat[flat_sel] = values.flat[c0] + f * (values.flat[c1] - values.flat[c0])``
-    in one numba pass (numpy needs five passes over ~3 M pixels at 2048^2)."""
-    global _kernel
-    if _kernel is None:
+def _compiled():
+    global _kernels
+    if _kernels is None:
         import numba
 
-        @numba.njit(nogil=True, cache=True)
-        def lerp(v, c0, c1, f, sel, o):  # pragma: no cover - runs compiled
-            for k in range(sel.size):
-                a = v[c0[k]]
-                o[sel[k]] = a + f[k] * (v[c1[k]] - a)
+        # (indices as uint32 views of the runs: numba then drops its negative-index
+        # wrap-around, which made these loops ~4x slower)
+        one = np.uint32(1)
 
-        _kernel = lerp
-    c0, c1, f = tables
-    _kernel(np.ascontiguousarray(values, np.float32).reshape(-1), c0, c1, f, flat_sel,
-            out.reshape(-1))
+        @numba.njit(nogil=True, cache=True)
+        def bin_runs(src, starts, lens, cell, out):  # pragma: no cover - runs compiled
+            # pixel (row-major) order: sequential reads, and the cells of one detector
+            # row stay in cache for the next (a register sum of the pixels of a cell
+            # mispredicts its branch, and tiles of pixels measured slower)
+            out[:] = 0.0
+            k = 0
+            for r in range(starts.size):
+                n = lens[r]
+                x = src[starts[r]:starts[r] + n]
+                cc = cell[k:k + n]
+                for j in range(n):
+                    out[np.uint32(cc[j])] += np.float32(x[j])
+                k += n
+
+        @numba.njit(nogil=True, cache=True)
+        def lerp_runs(v, starts, lens, c0, f, o):  # pragma: no cover - runs compiled
+            # v has a wrap column (n_phi + 1 per ring): the right neighbour is c0 + 1
+            k = 0
+            for r in range(starts.size):
+                n = lens[r]
+                oo = o[starts[r]:starts[r] + n]
+                cc = c0[k:k + n]
+                ff = f[k:k + n]
+                for j in range(n):
+                    c = np.uint32(cc[j])
+                    a = v[c]
+                    oo[j] = a + ff[j] * (v[c + one] - a)
+                k += n
+
+        @numba.njit(nogil=True, cache=True)
+        def lerp2_runs(v, w, starts, lens, c0, f, o, p):  # pragma: no cover - compiled
+            k = 0
+            for r in range(starts.size):
+                n = lens[r]
+                oo = o[starts[r]:starts[r] + n]
+                pp = p[starts[r]:starts[r] + n]
+                cc = c0[k:k + n]
+                ff = f[k:k + n]
+                for j in range(n):
+                    c = np.uint32(cc[j])
+                    t = ff[j]
+                    a = v[c]
+                    oo[j] = a + t * (v[c + one] - a)
+                    b = w[c]
+                    pp[j] = b + t * (w[c + one] - b)
+                k += n
+
+        _kernels = (bin_runs, lerp_runs, lerp2_runs)
+    return _kernels
+
+
+class RingEmitPlan:
+    """Everything of a ring kernel's emit on a coarse grid that depends only on the
+    geometry, the kernel and its pixels (built once per kernel list, reused by emits).
+
+    Parameters
+    ----------
+    polar
+        Coarse :class:`~smartbeam.analysis.kde_filters.PolarGrid` of the emit.
+    rows
+        ``(a, b)``: the grid rows filtered (the region's radii plus the q-kernel reach).
+    sel
+        Boolean ``(ny, nx)``: the pixels the kernel's values are written to.
+    """
+
+    def __init__(self, polar, rows: tuple[int, int], sel: np.ndarray) -> None:
+        a, b = int(rows[0]), int(rows[1])
+        n_phi = polar.n_phi
+        self.polar, self.rows, self.n_phi = polar, (a, b), n_phi
+        rb = polar.r.astype(np.int64)
+        # binned: every valid pixel of rows a:b (the bands' pixels and the q reach)
+        idx = np.flatnonzero(polar.mask & (rb >= a) & (rb < b))
+        self.bin_runs = index_runs(idx)
+        self.bin_cell = (polar.cell.reshape(-1)[idx] - a * n_phi).astype(np.int32)
+        # interpolated: the pixels of the bands, onto rows of n_phi + 1 cells (wrap)
+        idx = np.flatnonzero(sel)
+        self.lerp_runs = index_runs(idx)
+        rho = rb.reshape(-1)[idx]
+        pos = (polar.phi.reshape(-1)[idx] + np.pi) / (2 * np.pi) * n_phi - 0.5
+        fl = np.floor(pos)
+        i0 = fl.astype(np.int64) % n_phi  # cell i of a ring is taken at its centre
+        self.c0 = ((rho - a) * (n_phi + 1) + i0).astype(np.int32)
+        self.f = (pos - fl).astype(np.float32)
+        self._cells = np.empty((b - a) * n_phi, np.float32)
+        self._pads: list[np.ndarray] = []
+        self.inv2: np.ndarray | None = None
+
+    def bin(self, frame: np.ndarray) -> np.ndarray:
+        """Sums of ``frame`` (any real dtype, the detector's shape; masked pixels are not
+        read) over the cells of rows ``a:b``, float32 ``(b - a, n_phi)`` (a work buffer
+        of the plan, overwritten by the next call)."""
+        s, n = self.bin_runs
+        _compiled()[0](np.ascontiguousarray(frame).reshape(-1), s, n, self.bin_cell,
+                       self._cells)
+        return self._cells.reshape(-1, self.n_phi)
+
+    def padded(self, slot: int) -> np.ndarray:
+        """Work buffer ``(b - a, n_phi + 1)`` float32: write the cell values into
+        ``[:, :n_phi]``, then :meth:`to_pixels` (which fills the wrap column)."""
+        while len(self._pads) <= slot:
+            self._pads.append(np.empty((self.rows[1] - self.rows[0], self.n_phi + 1),
+                                       np.float32))
+        return self._pads[slot]
+
+    def to_pixels(self, pad: np.ndarray, out: np.ndarray, pad2: np.ndarray | None = None,
+                  out2: np.ndarray | None = None) -> None:
+        """Interpolate the cells of :meth:`padded` buffers along the ring to the pixels:
+        ``out.flat[pixel] = v[c0] + f * (v[c0 + 1] - v[c0])``; a second map in the same
+        pass when ``pad2`` and ``out2`` are given."""
+        s, n = self.lerp_runs
+        kern = _compiled()
+        pad[:, -1] = pad[:, 0]
+        if pad2 is None:
+            kern[1](pad.reshape(-1), s, n, self.c0, self.f, out.reshape(-1))
+            return
+        pad2[:, -1] = pad2[:, 0]
+        kern[2](pad.reshape(-1), pad2.reshape(-1), s, n, self.c0, self.f, out.reshape(-1),
+                out2.reshape(-1))
