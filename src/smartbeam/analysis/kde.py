@@ -1256,7 +1256,8 @@ def _apply_ring_region_coarse(geometry: Geometry, counts: np.ndarray, kern: Kern
         reg.coarse = (key, RingEmitPlan(polar, (a, b), reg.sel_full))
     plan = reg.coarse[1]
     inv = polar.inv_den(kern.sigma_q, kern.sigma_ring)[a:b]
-    val = polar.filter_cells_cv(plan.bin(counts), kern.sigma_q, kern.sigma_ring, first_row=a)
+    val = polar.filter_cells_cv(plan.bin(counts), kern.sigma_q, kern.sigma_ring, first_row=a,
+                                work=plan.work)
     pv = plan.padded(0)
     est = np.multiply(val, inv, out=pv[:, :n_phi])
     if var is None:
@@ -1268,7 +1269,7 @@ def _apply_ring_region_coarse(geometry: Geometry, counts: np.ndarray, kern: Kern
     dens = np.maximum(est, 0.0, out=val)
     dens *= polar.n_cell[a:b]
     v = polar.filter_cells_cv(dens, kern.sigma_q, kern.sigma_ring, squared=True,
-                              first_row=a)
+                              first_row=a, work=plan.work)
     pw = plan.padded(1)
     np.multiply(v, plan.inv2, out=pw[:, :n_phi])
     plan.to_pixels(pv, out, pw, var)

@@ -151,6 +151,8 @@ class RingEmitPlan:
         self._cells = np.empty((b - a) * n_phi, np.float32)
         self._pads: list[np.ndarray] = []
         self.inv2: np.ndarray | None = None
+        # work buffers of PolarGrid.filter_cells_cv: reused, not allocated per emit
+        self.work: dict[str, np.ndarray] = {}
 
     def bin(self, frame: np.ndarray) -> np.ndarray:
         """Sums of ``frame`` (any real dtype, the detector's shape; masked pixels are not
