@@ -1202,7 +1202,8 @@ def apply_kernels(counts: np.ndarray, geometry: Geometry, kernels: Sequence[Kern
             if variance:
                 np.copyto(var, masked, where=reg.sel_full)
         elif kern.kind == "iso":
-            _apply_iso_region(geometry.iso_filter(kern.sigma_q), masked, reg, out, var)
+            _apply_iso_region(geometry.iso_filter(kern.sigma_q), masked, reg, out, var,
+                              (geometry.scratch(_ISO_SLOTS[0]), geometry.scratch(_ISO_SLOTS[1])))
         else:
             n_c = coarse_n_phi(geometry.polar.n_r, geometry.polar.n_phi, kern.sigma_ring)
             if n_c is not None:
@@ -1214,8 +1215,13 @@ def apply_kernels(counts: np.ndarray, geometry: Geometry, kernels: Sequence[Kern
     return out, var
 
 
+# geometry work frames of the isotropic windows of an emit (apart from those that
+# masked32 and the selection use): fresh multi-MB outputs cost their page faults per emit
+_ISO_SLOTS = (16, 17)
+
+
 def _apply_iso_region(f: IsoFilter, masked: np.ndarray, reg: _Region, out: np.ndarray,
-                      var: np.ndarray | None) -> None:
+                      var: np.ndarray | None, work: tuple | None = None) -> None:
     """Smooth only the bounding box of the bands served by ``f`` (+ kernel radius).
 
     The kernel is truncated at ``radius``, so a pixel depends only on inputs within it:
@@ -1229,11 +1235,14 @@ def _apply_iso_region(f: IsoFilter, masked: np.ndarray, reg: _Region, out: np.nd
     ys = slice(max(y0 - pad, 0), min(y1 + pad, ny))
     xs = slice(max(x0 - pad, 0), min(x1 + pad, nx))
     inner = (slice(y0 - ys.start, y1 - ys.start), slice(x0 - xs.start, x1 - xs.start))
-    sm = f.apply_window(masked, ys, xs)
+    shape = (ys.stop - ys.start, xs.stop - xs.start)
+    dst = [None, None] if work is None else [w.reshape(-1)[:shape[0] * shape[1]].reshape(shape)
+                                             for w in work]
+    sm = f.apply_window(masked, ys, xs, dst=dst[0])
     box = (slice(y0, y1), slice(x0, x1))
     np.copyto(out[box], sm[inner], where=reg.sel_box)
     if var is not None:
-        v = f.variance_window(np.maximum(sm, 0.0, out=sm), ys, xs)
+        v = f.variance_window(np.maximum(sm, 0.0, out=sm), ys, xs, dst=dst[1])
         np.copyto(var[box], v[inner], where=reg.sel_box)
 
 

@@ -107,18 +107,23 @@ class IsoFilter:
         flat[self._fix] *= self._fix_inv
         return num
 
-    def apply_window(self, masked: np.ndarray, ys: slice, xs: slice) -> np.ndarray:
-        """:meth:`apply` on the window ``masked[ys, xs]`` (exact ``radius`` px inside it)."""
+    def apply_window(self, masked: np.ndarray, ys: slice, xs: slice,
+                     dst: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`apply` on the window ``masked[ys, xs]`` (exact ``radius`` px inside it);
+        ``dst``: optional contiguous float32 output of the window's shape."""
         if (ys.start, ys.stop, xs.start, xs.stop) == (0, masked.shape[0], 0, masked.shape[1]):
-            return self.apply(masked)
-        num = self._blur(masked[ys, xs])
+            return self.apply(masked, out=dst)
+        num = self._blur(masked[ys, xs], dst=dst)
         return np.multiply(num, self.inv_den[ys, xs], out=num)
 
-    def variance_window(self, density: np.ndarray, ys: slice, xs: slice) -> np.ndarray:
-        """:meth:`variance` of a density given on the window ``[ys, xs]`` only."""
+    def variance_window(self, density: np.ndarray, ys: slice, xs: slice,
+                        dst: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`variance` of a density given on the window ``[ys, xs]`` only; ``dst``:
+        optional contiguous float32 output of the window's shape (not ``density``)."""
         if self._inv_den2 is None:
             self._inv_den2 = self.inv_den * self.inv_den
-        v = cv2.sepFilter2D(density, -1, self.k2, self.k2, borderType=cv2.BORDER_CONSTANT)
+        v = cv2.sepFilter2D(density, -1, self.k2, self.k2, dst=dst,
+                            borderType=cv2.BORDER_CONSTANT)
         return np.multiply(v, self._inv_den2[ys, xs], out=v)
 
     def variance(self, masked_density: np.ndarray) -> np.ndarray:
