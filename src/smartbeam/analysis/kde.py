@@ -1268,15 +1268,14 @@ def _apply_ring_region_coarse(geometry: Geometry, counts: np.ndarray, kern: Kern
     val = polar.filter_cells_cv(plan.bin(counts), kern.sigma_q, kern.sigma_ring, first_row=a,
                                 work=plan.work)
     pv = plan.padded(0)
-    est = np.multiply(val, inv, out=pv[:, :n_phi])
     if var is None:
+        np.multiply(val, inv, out=pv[:, :n_phi])
         plan.to_pixels(pv, out)
         return
     if plan.inv2 is None:
         plan.inv2 = inv * inv
     # the density of each cell: the estimate times the valid pixels in it
-    dens = np.maximum(est, 0.0, out=val)
-    dens *= polar.n_cell[a:b]
+    dens = plan.estimate_and_density(val, inv, polar.n_cell[a:b], pv[:, :n_phi])
     v = polar.filter_cells_cv(dens, kern.sigma_q, kern.sigma_ring, squared=True,
                               first_row=a, work=plan.work)
     pw = plan.padded(1)
