@@ -74,3 +74,29 @@ def test_coarse_ring_emit_equals_numpy_reference(sigma_q, monkeypatch):
         # a second emit reuses the plan and its work buffers: same values
         again = apply_kernels(x, g, kernels, variance=variance)
         assert np.array_equal(again[0], sm)
+
+
+def test_ring_plans_sharing_work_buffers_give_each_kernels_own_values(monkeypatch):
+    # two ring kernels on the 1 px grid and two on the coarse grid in one kernel list:
+    # their plans share work buffers per grid shape, yet each band gets the values of
+    # its kernel emitted alone, with and without the variance, emit after emit
+    monkeypatch.setattr(kde_emit, "MIN_N_PHI", 0)
+    n, c = 240, (117.4, 121.8)
+    yy, xx = np.mgrid[0:n, 0:n]
+    mask = np.hypot(xx - c[0], yy - c[1]) > 5
+    mask[30, 40:60] = False
+    g = Geometry(mask, c, band_width_px=30)
+    pool = [Kernel.iso(1.0), Kernel.ring(1.0, 0.5), Kernel.ring(0.0, 40.0),
+            Kernel.ring(2.0, 0.7), Kernel.ring(1.0, 60.0)]
+    assert coarse_n_phi(g.polar.n_r, g.polar.n_phi, 0.5) is None
+    assert coarse_n_phi(g.polar.n_r, g.polar.n_phi, 40.0) is not None
+    kernels = [pool[b % len(pool)] for b in range(g.n_bands)]
+    x = np.random.default_rng(4).poisson(6.0, mask.shape)
+    for variance in (True, False, True):
+        sm, var = apply_kernels(x, g, kernels, variance=variance)
+        for b, kern in enumerate(kernels):
+            sel = g.band == b
+            alone = apply_kernels(x, g, [kern] * g.n_bands, variance=variance)
+            np.testing.assert_array_equal(sm[sel], alone[0][sel])
+            if variance:
+                np.testing.assert_array_equal(var[sel], alone[1][sel])

@@ -23,7 +23,7 @@ import scipy.fft as sfft
 
 from smartbeam.errors import SmartbeamInputError
 
-from .kde_emit import RingEmitPlan, coarse_n_phi
+from .kde_emit import CellEmitPlan, RingEmitPlan, coarse_n_phi
 from .kde_filters import (
     IsoFilter,
     PolarGrid,
@@ -33,7 +33,7 @@ from .kde_filters import (
 )
 from .kde_mrgrid import MultiPolar
 from .kde_score import RowScorer, cv_band_sums, pilot_terms, split_terms
-from .kde_thin import bin_cells, bin_frame, thin_masked
+from .kde_thin import bin_cells, thin_masked
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -148,7 +148,7 @@ class _Region:
     rows: tuple[int, int]  # polar rows (1-px radial cells) of its bands
     flat_sel: np.ndarray  # flat pixel indices of sel_full
     cell_of_sel: np.ndarray  # polar cell of each of those pixels
-    inv_px: tuple | None = None  # ((kernel, first row), ring normaliser at those pixels)
+    inv_px: tuple | None = None  # ((kernel, rows), kde_emit.CellEmitPlan): 1 px-of-arc grid
     coarse: tuple | None = None  # ((kernel, rows, n_phi), kde_emit.RingEmitPlan)
 
 
@@ -230,6 +230,7 @@ class Geometry:
         self._score_polar: PolarGrid | None = None
         self._score_grid: MultiPolar | None = None
         self._ring_polars: dict[int, PolarGrid] = {}
+        self._emit_work: dict = {}  # work buffers of the ring emits (kde_emit plans)
         masked_flat = np.flatnonzero(~mask)
         self._masked_flat = masked_flat if masked_flat.size < mask.size // 4 else None
         self._n_valid = mask.size - masked_flat.size  # (a sum over the mask per search)
@@ -1195,7 +1196,6 @@ def apply_kernels(counts: np.ndarray, geometry: Geometry, kernels: Sequence[Kern
         return out, var
     out = np.zeros(geometry.shape, np.float32)
     var = np.zeros(geometry.shape, np.float32) if variance else None
-    cells = None
     for kern, reg in regions:
         if kern.kind == "iso" and kern.sigma_q <= 0:
             np.copyto(out, masked, where=reg.sel_full)
@@ -1208,10 +1208,8 @@ def apply_kernels(counts: np.ndarray, geometry: Geometry, kernels: Sequence[Kern
             n_c = coarse_n_phi(geometry.polar.n_r, geometry.polar.n_phi, kern.sigma_ring)
             if n_c is not None:
                 _apply_ring_region_coarse(geometry, counts, kern, reg, out, var, n_c)
-                continue
-            if cells is None:
-                cells = bin_frame(masked, geometry.polar)
-            _apply_ring_region(geometry.polar, cells, kern, reg, out, var)
+            else:
+                _apply_ring_region(geometry, counts, kern, reg, out, var)
     return out, var
 
 
@@ -1264,7 +1262,7 @@ def _apply_ring_region_coarse(geometry: Geometry, counts: np.ndarray, kern: Kern
     a, b = max(r0 - 2 * rad, 0), min(r1 + 2 * rad, polar.n_r)
     key = (kern, a, b, n_phi)
     if reg.coarse is None or reg.coarse[0] != key or reg.coarse[1].polar is not polar:
-        reg.coarse = (key, RingEmitPlan(polar, (a, b), reg.sel_full))
+        reg.coarse = (key, RingEmitPlan(polar, (a, b), reg.sel_full, geometry._emit_work))
     plan = reg.coarse[1]
     inv = polar.inv_den(kern.sigma_q, kern.sigma_ring)[a:b]
     val = polar.filter_cells_cv(plan.bin(counts), kern.sigma_q, kern.sigma_ring, first_row=a,
@@ -1285,31 +1283,36 @@ def _apply_ring_region_coarse(geometry: Geometry, counts: np.ndarray, kern: Kern
     plan.to_pixels(pv, out, pw, var)
 
 
-def _apply_ring_region(polar: PolarGrid, cells: np.ndarray, kern: Kernel, reg: _Region,
+def _apply_ring_region(geometry: Geometry, counts: np.ndarray, kern: Kernel, reg: _Region,
                        out: np.ndarray, var: np.ndarray | None) -> None:
     """Ring kernel on the polar rows (radii) of its bands only (+ the q-kernel radius).
 
     Rows are filtered independently along the ring, and the q kernel is truncated, so the
-    rows of the bands get exactly the full-grid result.
+    rows of the bands get exactly the full-grid result. The rows are those within two q
+    radii of the bands with or without the variance (one
+    :class:`~smartbeam.analysis.kde_emit.CellEmitPlan` serves both kinds of emit), and
+    the grid is normalised at the pixels only (it has ~3x more cells than the region's
+    pixels at 2048^2).
     """
+    polar = geometry.polar
     rad = (gaussian_kernel_1d(kern.sigma_q).size // 2) if kern.sigma_q > 0 else 0
-    pad = 2 * rad if var is not None else rad
     r0, r1 = reg.rows
-    a, b = max(r0 - pad, 0), min(r1 + pad, polar.n_r)
+    a, b = max(r0 - 2 * rad, 0), min(r1 + 2 * rad, polar.n_r)
     inv = polar.inv_den(kern.sigma_q, kern.sigma_ring)[a:b]
-    val = polar.filter_cells_cv(cells[a:b], kern.sigma_q, kern.sigma_ring, first_row=a)
-    local = reg.cell_of_sel - a * polar.n_phi
-    # normalised at the pixels only (the grid has ~3x more cells than the region pixels
-    # at 2048^2); the normaliser at the pixels is cached with the region
-    if reg.inv_px is None or reg.inv_px[0] != (kern, a):
-        reg.inv_px = ((kern, a), inv.ravel()[local])
-    out.ravel()[reg.flat_sel] = val.ravel()[local] * reg.inv_px[1]
+    if reg.inv_px is None or reg.inv_px[0] != (kern, a, b):
+        reg.inv_px = ((kern, a, b), CellEmitPlan(polar, (a, b), reg.sel_full, inv,
+                                                         geometry._emit_work))
+    plan = reg.inv_px[1]
+    val = polar.filter_cells_cv(plan.bin(counts), kern.sigma_q, kern.sigma_ring, first_row=a,
+                                work=plan.work)
+    plan.to_pixels(val, out)
     if var is not None:
-        # the density of each cell: the estimate times the valid pixels in it
-        dens = np.maximum(val * inv, 0.0) * polar.n_cell[a:b]
+        # the density of each cell: the estimate times the valid pixels in it (over val:
+        # the estimate is already at the pixels)
+        dens = plan.density(val, inv, polar.n_cell[a:b])
         v = polar.filter_cells_cv(dens, kern.sigma_q, kern.sigma_ring, squared=True,
-                                  first_row=a)
-        var.ravel()[reg.flat_sel] = v.ravel()[local] * (reg.inv_px[1] * reg.inv_px[1])
+                                  first_row=a, work=plan.work)
+        plan.to_pixels(v, var, squared=True)
 
 
 def _apply_kernels_reference(counts, geometry, kernels, backend, variance):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft as sfft
 
-__all__ = ["ARC_STEP", "MIN_N_PHI", "RingEmitPlan", "coarse_n_phi", "index_runs"]
+__all__ = ["ARC_STEP", "MIN_N_PHI", "CellEmitPlan", "RingEmitPlan", "coarse_n_phi", "index_runs"]
 
 ARC_STEP = 0.2  # coarse cell, in units of sigma_ring, px of arc at the outermost radius
 # the 1 px-of-arc grid is kept below this many cells per ring (detectors under ~650 px
@@ -121,11 +121,107 @@ def _compiled():
                     est[i, j] = e
                     dens[i, j] = max(e, np.float32(0.0)) * n_cell[i, j]
 
-        _kernels = (bin_runs, lerp_runs, lerp2_runs, est_dens)
+        @numba.njit(nogil=True, cache=True)
+        def gather_runs(v, starts, lens, cell, w, o, squared):  # pragma: no cover
+            # each pixel takes its own cell's value times its normaliser (squared: the
+            # variance's); runs of pixels as in lerp_runs
+            k = 0
+            for r in range(starts.size):
+                n = lens[r]
+                oo = o[starts[r]:starts[r] + n]
+                cc = cell[k:k + n]
+                ww = w[k:k + n]
+                if squared:
+                    for j in range(n):
+                        oo[j] = v[np.uint32(cc[j])] * (ww[j] * ww[j])
+                else:
+                    for j in range(n):
+                        oo[j] = v[np.uint32(cc[j])] * ww[j]
+                k += n
+
+        @numba.njit(nogil=True, cache=True)
+        def density(val, inv, n_cell, dens):  # pragma: no cover - runs compiled
+            for i in range(val.shape[0]):
+                for j in range(val.shape[1]):
+                    dens[i, j] = max(val[i, j] * inv[i, j], np.float32(0.0)) * n_cell[i, j]
+
+        _kernels = (bin_runs, lerp_runs, lerp2_runs, est_dens, gather_runs, density)
     return _kernels
 
 
-class RingEmitPlan:
+class _Binned:
+    """Binning of the valid pixels of polar rows ``a:b`` over runs of pixels."""
+
+    def _init_bin(self, polar, a: int, b: int, work: dict | None) -> np.ndarray:
+        n_phi = polar.n_phi
+        rb = polar.r.astype(np.int64)
+        # binned: every valid pixel of rows a:b (the bands' pixels and the q reach)
+        idx = np.flatnonzero(polar.mask & (rb >= a) & (rb < b))
+        self.bin_runs = index_runs(idx)
+        self.bin_cell = (polar.cell.reshape(-1)[idx] - a * n_phi).astype(np.int32)
+        # work buffers (the binned cells, and those of PolarGrid.filter_cells_cv): reused,
+        # not allocated per emit, and shared through ``work`` by the plans of grids of
+        # the same shape (an emit runs its plans one after the other)
+        shared = {} if work is None else work.setdefault((b - a, n_phi), {})
+        if "cells" not in shared:
+            shared["cells"] = np.empty((b - a) * n_phi, np.float32)
+        self._cells = shared["cells"]
+        self.work: dict[str, np.ndarray] = shared.setdefault("filter", {})
+        return rb
+
+    def bin(self, frame: np.ndarray) -> np.ndarray:
+        """Sums of ``frame`` (any real dtype, the detector's shape; masked pixels are not
+        read) over the cells of rows ``a:b``, float32 ``(b - a, n_phi)`` (a work buffer
+        of the plan, overwritten by the next call)."""
+        s, n = self.bin_runs
+        _compiled()[0](np.ascontiguousarray(frame).reshape(-1), s, n, self.bin_cell,
+                       self._cells)
+        return self._cells.reshape(-1, self.polar.n_phi)
+
+
+class CellEmitPlan(_Binned):
+    """What a ring kernel's emit on the 1 px-of-arc grid (narrow kernels) reuses between
+    emits: binning runs, and each pixel's cell and normaliser (int32 / float32 tables,
+    read by one numba pass instead of numpy's int64 gather and scatter).
+
+    Parameters
+    ----------
+    polar
+        The geometry's :class:`~smartbeam.analysis.kde_filters.PolarGrid`.
+    rows
+        ``(a, b)``: the grid rows filtered.
+    sel
+        Boolean ``(ny, nx)``: the pixels the kernel's values are written to.
+    inv
+        The kernel's normaliser on rows ``a:b`` (``PolarGrid.inv_den``).
+    work
+        Dict in which plans share their work buffers (per grid shape); ``None``: own.
+    """
+
+    def __init__(self, polar, rows: tuple[int, int], sel: np.ndarray,
+                 inv: np.ndarray, work: dict | None = None) -> None:
+        a, b = int(rows[0]), int(rows[1])
+        self.polar, self.rows = polar, (a, b)
+        self._init_bin(polar, a, b, work)
+        idx = np.flatnonzero(sel)
+        self.runs = index_runs(idx)
+        self.cell = (polar.cell.reshape(-1)[idx] - a * polar.n_phi).astype(np.int32)
+        self.inv_px = inv.reshape(-1)[self.cell]
+
+    def density(self, val: np.ndarray, inv: np.ndarray, n_cell: np.ndarray) -> np.ndarray:
+        """``max(val * inv, 0) * n_cell`` written over ``val`` (one pass; float32)."""
+        _compiled()[5](val, inv, n_cell, val)
+        return val
+
+    def to_pixels(self, cells: np.ndarray, out: np.ndarray, squared: bool = False) -> None:
+        """``out.flat[pixel] = cells.flat[cell] * inv_px`` (``inv_px ** 2`` if
+        ``squared``) over the plan's pixels."""
+        s, n = self.runs
+        _compiled()[4](np.ascontiguousarray(cells).reshape(-1), s, n, self.cell, self.inv_px,
+                       out.reshape(-1), squared)
+
+
+class RingEmitPlan(_Binned):
     """Everything of a ring kernel's emit on a coarse grid that depends only on the
     geometry, the kernel and its pixels (built once per kernel list, reused by emits).
 
@@ -137,17 +233,16 @@ class RingEmitPlan:
         ``(a, b)``: the grid rows filtered (the region's radii plus the q-kernel reach).
     sel
         Boolean ``(ny, nx)``: the pixels the kernel's values are written to.
+    work
+        Dict in which plans share their work buffers (per grid shape); ``None``: own.
     """
 
-    def __init__(self, polar, rows: tuple[int, int], sel: np.ndarray) -> None:
+    def __init__(self, polar, rows: tuple[int, int], sel: np.ndarray,
+                 work: dict | None = None) -> None:
         a, b = int(rows[0]), int(rows[1])
         n_phi = polar.n_phi
         self.polar, self.rows, self.n_phi = polar, (a, b), n_phi
-        rb = polar.r.astype(np.int64)
-        # binned: every valid pixel of rows a:b (the bands' pixels and the q reach)
-        idx = np.flatnonzero(polar.mask & (rb >= a) & (rb < b))
-        self.bin_runs = index_runs(idx)
-        self.bin_cell = (polar.cell.reshape(-1)[idx] - a * n_phi).astype(np.int32)
+        rb = self._init_bin(polar, a, b, work)
         # interpolated: the pixels of the bands, onto rows of n_phi + 1 cells (wrap)
         idx = np.flatnonzero(sel)
         self.lerp_runs = index_runs(idx)
@@ -157,20 +252,8 @@ class RingEmitPlan:
         i0 = fl.astype(np.int64) % n_phi  # cell i of a ring is taken at its centre
         self.c0 = ((rho - a) * (n_phi + 1) + i0).astype(np.int32)
         self.f = (pos - fl).astype(np.float32)
-        self._cells = np.empty((b - a) * n_phi, np.float32)
         self._pads: list[np.ndarray] = []
         self.inv2: np.ndarray | None = None
-        # work buffers of PolarGrid.filter_cells_cv: reused, not allocated per emit
-        self.work: dict[str, np.ndarray] = {}
-
-    def bin(self, frame: np.ndarray) -> np.ndarray:
-        """Sums of ``frame`` (any real dtype, the detector's shape; masked pixels are not
-        read) over the cells of rows ``a:b``, float32 ``(b - a, n_phi)`` (a work buffer
-        of the plan, overwritten by the next call)."""
-        s, n = self.bin_runs
-        _compiled()[0](np.ascontiguousarray(frame).reshape(-1), s, n, self.bin_cell,
-                       self._cells)
-        return self._cells.reshape(-1, self.n_phi)
 
     def padded(self, slot: int) -> np.ndarray:
         """Work buffer ``(b - a, n_phi + 1)`` float32: write the cell values into
