@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from smartbeam.analysis.kde import (
+    DEFAULT_CANDIDATES,
     Geometry,
     Kernel,
     apply_kernels,
@@ -385,3 +386,19 @@ def test_wide_ring_kernels_emitted_on_a_coarser_grid_match_the_1px_grid(sigma_q,
     err = [np.sqrt(np.mean((e[m] - mu[m]) ** 2)) for e in (sm, ref)]
     assert abs(err[0] / err[1] - 1) < 0.01
     assert np.all(sm[~m] == 0)
+
+
+def test_selection_scores_a_repeated_candidate_once():
+    # A ring kernel listed twice, in blocks scored one after the other (full search,
+    # 1024^2 so that the candidates are split into blocks): scored once, no crash.
+    n = 1024
+    g = Geometry(np.ones((n, n), bool), (n / 2 - 12, n / 2 - 2))
+    x = np.random.default_rng(1).poisson(3.0, (n, n)).astype(np.int32)
+    cands = (list(DEFAULT_CANDIDATES) + [Kernel.iso(s) for s in (0.6, 1.25, 2.5, 5.0, 7.0)]
+             + [Kernel.ring(1.0, 20.0)])
+    assert cands.count(Kernel.ring(1.0, 20.0)) == 2
+    sel = select_bandwidths(x, g, rng=3, max_score_pixels=800_000, candidates=cands,
+                            search="full")
+    assert sel.candidates == list(dict.fromkeys(cands))
+    assert sel.cv_score.shape[0] == len(cands) - 1
+    assert np.all(np.isfinite(sel.cv_score))

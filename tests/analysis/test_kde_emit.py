@@ -100,3 +100,37 @@ def test_ring_plans_sharing_work_buffers_give_each_kernels_own_values(monkeypatc
             np.testing.assert_array_equal(sm[sel], alone[0][sel])
             if variance:
                 np.testing.assert_array_equal(var[sel], alone[1][sel])
+
+
+def test_ring_emit_memory_stays_bounded_while_the_ring_bands_drift():
+    # A long count re-selects often and the bands given a ring kernel drift; the emit
+    # plans' work buffers must not pile up (only the cached kernel lists' plans live).
+    import gc
+    import tracemalloc
+
+    n = 384
+    rng = np.random.default_rng(1)
+    g = Geometry(np.ones((n, n), bool), (110.0, 170.0))
+    x = rng.poisson(3.0, (n, n)).astype(np.uint16)
+    nb = g.n_bands
+
+    def emits(count):
+        for _ in range(count):
+            lo = int(rng.integers(0, nb - 3))
+            hi = int(rng.integers(lo + 1, nb))
+            kernels = [Kernel.iso(1.0)] * nb
+            kernels[lo:hi] = [Kernel.ring(1.0, float(rng.choice([3.0, 20.0])))] * (hi - lo)
+            apply_kernels(x, g, kernels, variance=True)
+
+    tracemalloc.start()
+    try:
+        emits(16)  # warm: four cached kernel lists, buffers grown to the widest span
+        gc.collect()
+        base = tracemalloc.get_traced_memory()[0]
+        emits(24)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    one_list = 6 * 4 * n * n * 4  # a generous bound for the buffers of one kernel list
+    assert grown < one_list, f"emit memory grew by {grown / 1e6:.1f} MB over 24 re-selections"

@@ -793,7 +793,8 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         ``"map"`` (2-D map, chi^2-weighted per pixel), ``"sector"`` or ``"radial"``
         (1-px radial bins weighted by their raw variance).
     candidates
-        Kernels to try; should include ``Kernel.iso(0)`` (no smoothing).
+        Kernels to try; should include ``Kernel.iso(0)`` (no smoothing). Repeats are
+        dropped (the result's ``candidates`` keeps the first of each).
     n_splits
         Number of independent random halvings averaged (reduces CV noise); each costs
         two smoothings per candidate.
@@ -822,7 +823,7 @@ def select_bandwidths(counts: np.ndarray, geometry: Geometry, *, product: str = 
         raise SmartbeamInputError(f"product={product!r}: expected one of {PRODUCTS}")
     if n_splits < 1:
         raise SmartbeamInputError(f"n_splits={n_splits!r}: expected >= 1")
-    candidates = list(candidates)
+    candidates = list(dict.fromkeys(candidates))  # a repeated kernel is scored once
     if not candidates:
         raise SmartbeamInputError("candidates is empty: expected at least one Kernel")
     if search not in ("auto", "full", "coarse"):

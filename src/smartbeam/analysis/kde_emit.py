@@ -160,13 +160,13 @@ class _Binned:
         self.bin_runs = index_runs(idx)
         self.bin_cell = (polar.cell.reshape(-1)[idx] - a * n_phi).astype(np.int32)
         # work buffers (the binned cells, and those of PolarGrid.filter_cells_cv): reused,
-        # not allocated per emit, and shared through ``work`` by the plans of grids of
-        # the same shape (an emit runs its plans one after the other)
-        shared = {} if work is None else work.setdefault((b - a, n_phi), {})
-        if "cells" not in shared:
-            shared["cells"] = np.empty((b - a) * n_phi, np.float32)
-        self._cells = shared["cells"]
-        self.work: dict[str, np.ndarray] = shared.setdefault("filter", {})
+        # not allocated per emit, and shared through ``work`` by every plan of the same
+        # grid width (an emit runs its plans one after the other). Keyed by width only and
+        # grown to the largest span: keyed by span, a long count whose ring bands drift
+        # between re-selections would pile up buffers without bound.
+        self._shared = {} if work is None else work.setdefault(n_phi, {})
+        self._n_cells = (b - a) * n_phi
+        self.work: dict[str, np.ndarray] = self._shared.setdefault("filter", {})
         return rb
 
     def bin(self, frame: np.ndarray) -> np.ndarray:
@@ -174,9 +174,12 @@ class _Binned:
         read) over the cells of rows ``a:b``, float32 ``(b - a, n_phi)`` (a work buffer
         of the plan, overwritten by the next call)."""
         s, n = self.bin_runs
-        _compiled()[0](np.ascontiguousarray(frame).reshape(-1), s, n, self.bin_cell,
-                       self._cells)
-        return self._cells.reshape(-1, self.polar.n_phi)
+        cells = self._shared.get("cells")
+        if cells is None or cells.size < self._n_cells:
+            cells = self._shared["cells"] = np.empty(self._n_cells, np.float32)
+        cells = cells[: self._n_cells]
+        _compiled()[0](np.ascontiguousarray(frame).reshape(-1), s, n, self.bin_cell, cells)
+        return cells.reshape(-1, self.polar.n_phi)
 
 
 class CellEmitPlan(_Binned):

@@ -319,9 +319,10 @@ class PolarGrid:
         spectrum on the emitted grids (one core).
 
         ``work``: a dict of float32 buffers kept by the caller and reused between calls
-        (the result is one of them, overwritten by the next call with the same dict):
-        fresh multi-MB outputs cost their page faults on every call (~7 ms for the three
-        of a 941 x 2304 grid, more than the two DFTs).
+        (the result is a view of one of them, overwritten by the next call with the same
+        dict): fresh multi-MB outputs cost their page faults on every call (~7 ms for the
+        three of a 941 x 2304 grid, more than the two DFTs). Each buffer grows to the
+        largest grid asked for and smaller grids use its head.
         """
         out = np.ascontiguousarray(cells, np.float32)
 
@@ -329,9 +330,9 @@ class PolarGrid:
             if work is None:
                 return None
             b = work.get(name)
-            if b is None or b.shape != out.shape:
-                b = work[name] = np.empty(out.shape, np.float32)
-            return b
+            if b is None or b.size < out.size:
+                b = work[name] = np.empty(out.size, np.float32)
+            return b[: out.size].reshape(out.shape)
 
         if sigma_ring > 0:
             spec = cv2.dft(out, dst=buf("spec"), flags=cv2.DFT_ROWS)
