@@ -30,7 +30,23 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
-__all__ = ["IsoFilter", "PolarGrid", "gaussian_kernel_1d", "masked_gaussian", "ring_gaussian"]
+__all__ = ["IsoFilter", "PolarGrid", "gaussian_kernel_1d", "masked_gaussian", "pack_ccs",
+           "ring_gaussian"]
+
+
+def pack_ccs(tf: np.ndarray, n_phi: int) -> np.ndarray:
+    """Real transfer functions of the rows, ``(n_r, >= n_phi // 2 + 1)`` harmonics, in
+    OpenCV's packed (CCS) layout of a real DFT of ``n_phi`` samples (``Re0, Re1, Im1,
+    ...``: each harmonic's value at its real and imaginary slot), float32 ``(n_r, n_phi)``.
+    """
+    ccs = np.empty((tf.shape[0], n_phi), np.float32)
+    k = (n_phi - 1) // 2
+    ccs[:, 0] = tf[:, 0]
+    ccs[:, 1:2 * k + 1:2] = tf[:, 1:k + 1]
+    ccs[:, 2:2 * k + 2:2] = tf[:, 1:k + 1]
+    if n_phi % 2 == 0:
+        ccs[:, -1] = tf[:, n_phi // 2]
+    return ccs
 
 
 def gaussian_kernel_1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
@@ -298,16 +314,8 @@ class PolarGrid:
         """
         key = ("ccs", float(sigma_ring), squared)
         if key not in self._cache:
-            n_phi = self.n_phi
-            tf = self.phi_transfer(sigma_ring, squared) * np.float32(1.0 / n_phi)
-            ccs = np.empty((tf.shape[0], n_phi), np.float32)
-            k = (n_phi - 1) // 2
-            ccs[:, 0] = tf[:, 0]
-            ccs[:, 1:2 * k + 1:2] = tf[:, 1:k + 1]
-            ccs[:, 2:2 * k + 2:2] = tf[:, 1:k + 1]
-            if n_phi % 2 == 0:
-                ccs[:, -1] = tf[:, n_phi // 2]
-            self._cache[key] = ccs
+            tf = self.phi_transfer(sigma_ring, squared) * np.float32(1.0 / self.n_phi)
+            self._cache[key] = pack_ccs(tf, self.n_phi)
         return self._cache[key]
 
     def filter_cells_cv(self, cells: np.ndarray, sigma_q: float, sigma_ring: float,

@@ -23,6 +23,8 @@ import cv2
 import numpy as np
 import scipy.fft as sfft
 
+from .kde_filters import pack_ccs
+
 __all__ = ["MultiPolar", "MultiRingGrid", "ring_q_multi", "segments"]
 
 # as in kde_score: spectra cut where the transfer function is < exp(-TAIL^2 / 2), filtered
@@ -241,14 +243,7 @@ class MultiPolar:
             k /= k.sum(axis=1, keepdims=True)
             # 1 / n_phi for the unscaled inverse, times n_phi / n_ref (:meth:`ring_grid`)
             tf = sfft.rfft(k, axis=1).real.astype(np.float32) * np.float32(1.0 / self.n_phi)
-            ccs = np.empty((tf.shape[0], n_phi), np.float32)
-            h = (n_phi - 1) // 2
-            ccs[:, 0] = tf[:, 0]
-            ccs[:, 1:2 * h + 1:2] = tf[:, 1:h + 1]
-            ccs[:, 2:2 * h + 2:2] = tf[:, 1:h + 1]
-            if n_phi % 2 == 0:
-                ccs[:, -1] = tf[:, n_phi // 2]
-            self._tf[key] = np.ascontiguousarray(ccs[:, :n_pack])
+            self._tf[key] = np.ascontiguousarray(pack_ccs(tf, n_phi)[:, :n_pack])
         return self._tf[key]
 
     def _layout(self, sigma_ring: float) -> tuple:

@@ -610,7 +610,7 @@ def run(args: argparse.Namespace) -> dict:
                               strategies=list(args.strategies), gpcam_ok=gp_ok,
                               checkpoint_step=args.checkpoint_step, target=args.target))
     n_bound = min(args.design_bound, 32) if args.quick else args.design_bound
-    bound_sizes = [n for n in _checkpoints(12, n_bound, args.checkpoint_step)]
+    bound_sizes = _checkpoints(12, n_bound, args.checkpoint_step)
     bound_tasks = [dict(case=ci, truth=case["truth"], hint=case["hint"], dwell=args.dwell,
                         sizes=bound_sizes) for ci, case in enumerate(cases)] if bound_sizes else []
     t0 = time.perf_counter()
