@@ -361,9 +361,22 @@ def _throughput(quick: bool, rng: np.random.Generator) -> dict:
         key = "select_ms_1024" + ("" if search == "auto" else "_full_search")
         for _ in range(3):
             select_bandwidths(x1024, g1024, rng=rng, search=search)
-        out[key] = _median_ms(
-            lambda s=search: select_bandwidths(x1024, g1024, rng=rng, search=s),
-            3 if quick or search == "full" else 15, cpu, key)
+        # the coarse-to-fine search's time depends on the path it takes (which ring
+        # bandwidths it visits: ~32-54 ms on one quiet core), so the default search gets
+        # enough repeats for a median and a 90th percentile even in quick mode
+        n_sel = 3 if search == "full" else (15 if quick else 30)
+        sel_cpu: list[float] = []
+
+        def timed_select(s=search, acc=sel_cpu):
+            c0 = time.thread_time()
+            select_bandwidths(x1024, g1024, rng=rng, search=s)
+            acc.append((time.thread_time() - c0) * 1e3)
+
+        out[key] = _median_ms(timed_select, n_sel, cpu, key)
+        if search == "auto":
+            out["select_ms_1024_repeats"] = n_sel
+            out["select_cpu_ms_1024_p10_p90"] = [float(v) for v in
+                                                 np.percentile(sel_cpu, [10, 90])]
     # the same on the emitted ~1 px-of-arc polar grid (the scoring grid's share of the
     # time), and with half the scored pixels (what the CV sample size costs)
     # (three warm-up calls each: the cached normalisers of the kernels a search visits)
