@@ -17,63 +17,100 @@ def test_index_runs():
 
 
 def _reference(x, g, kern, rows, sel, n_c, variance):
-    """The coarse-grid emit written out in numpy/scipy (float64 binning, scipy FFT,
-    interpolation by fancy indexing): what the numba passes must reproduce."""
+    """The coarse-grid emit of one group of rows written out in numpy/scipy (float64
+    linear binning by np.add.at, scipy FFT over the whole ring, interpolation by fancy
+    indexing): what the numba passes, and the rings cut to their used arcs, must
+    reproduce."""
     polar = PolarGrid(g.mask, g.centre, n_phi=n_c)
     a, b = rows
-    inv = polar.inv_den(kern.sigma_q, kern.sigma_ring)[a:b]
-    cells = polar.to_cells(x)[a:b]
-    est = (polar.filter_cells(cells, kern.sigma_q, kern.sigma_ring, first_row=a) * inv
-           ).astype(np.float32)
+    rb = polar.r.astype(np.int64)
+
+    def split(pix):  # row, left cell and right weight of each pixel
+        pos = (polar.phi[pix] + np.pi) / (2 * np.pi) * n_c - 0.5
+        return rb[pix] - a, np.floor(pos).astype(np.int64) % n_c, pos - np.floor(pos)
+
+    rho, i0, f = split(g.mask & (rb >= a) & (rb < b))
+    w = x[g.mask & (rb >= a) & (rb < b)].astype(float)
+    cells, occ = np.zeros((b - a, n_c)), np.zeros((b - a, n_c))
+    for grid, v in ((cells, w), (occ, np.ones_like(w))):
+        np.add.at(grid, (rho, i0), v * (1 - f))
+        np.add.at(grid, (rho, (i0 + 1) % n_c), v * f)
+    den = polar.filter_cells(occ, kern.sigma_q, kern.sigma_ring, first_row=a)
+    inv = np.where(den > 1e-6, 1 / np.where(den > 1e-6, den, 1), 0)
+    est = polar.filter_cells(cells, kern.sigma_q, kern.sigma_ring, first_row=a) * inv
     maps = [est]
     if variance:
-        dens = np.maximum(est, 0.0) * polar.n_cell[a:b]
+        dens = np.maximum(est, 0.0) * occ
         maps.append(polar.filter_cells(dens, kern.sigma_q, kern.sigma_ring, squared=True,
                                        first_row=a) * inv * inv)
-    rho = polar.r[sel].astype(np.int64) - a
-    pos = (polar.phi[sel] + np.pi) / (2 * np.pi) * n_c - 0.5
-    i0 = np.floor(pos).astype(np.int64) % n_c
-    f = pos - np.floor(pos)
+    rho, i0, f = split(sel)
     return [m[rho, i0] + f * (m[rho, (i0 + 1) % n_c] - m[rho, i0]) for m in maps]
 
 
-@pytest.mark.parametrize("sigma_q", [1.0, 0.0])
-def test_coarse_ring_emit_equals_numpy_reference(sigma_q, monkeypatch):
-    # the numba binning (runs of pixels, masked pixels skipped, uint16 counts read as
-    # they are) and interpolation (wrap column at phi = +-pi, both maps in one pass)
-    # against a plain numpy/scipy version of the same approximation; an isotropic
-    # inner band makes the ring region an annulus (two runs per detector row)
+@pytest.mark.parametrize("sigma_q, sigma_ring", [(1.0, 8.0), (0.0, 40.0)])
+def test_coarse_ring_emit_equals_numpy_reference(sigma_q, sigma_ring, monkeypatch):
+    # the numba linear binning (runs of pixels, masked pixels skipped, uint16 counts read
+    # as they are) and interpolation (wrap column at phi = +-pi, both maps in one pass, the
+    # normaliser in its weights), per group of rows with its own grid, rings cut to their
+    # used arcs, against a plain numpy/scipy version of each group's grid on whole rings;
+    # an isotropic inner band makes the ring region an annulus (two runs per row)
     monkeypatch.setattr(kde_emit, "MIN_N_PHI", 0)
+    monkeypatch.setattr(kde_emit, "_GROUP_COST", 0.0)  # several groups on a small frame
     n, c = 300, (140.3, 157.6)
     yy, xx = np.mgrid[0:n, 0:n]
     mask = np.hypot(xx - c[0], yy - c[1]) > 6
     mask[200:210, 30:90] = False  # a dead patch inside the ring bands
     mask[157, :] = False  # and a dead row through the centre (phi = +-pi side)
     g = Geometry(mask, c, band_width_px=30)
-    ring = Kernel.ring(sigma_q, 40.0)
+    ring = Kernel.ring(sigma_q, sigma_ring)
     kernels = [Kernel.iso(1.0)] * 2 + [ring] * (g.n_bands - 2)
-    n_c = coarse_n_phi(g.polar.n_r, g.polar.n_phi, ring.sigma_ring)
-    assert n_c is not None
+    assert coarse_n_phi(g.polar.n_r, g.polar.n_phi, ring.sigma_ring) is not None
     x = np.random.default_rng(3).poisson(4.0, mask.shape).astype(np.uint16)
     sel = mask & (g.band >= 2)
+    rb = g.polar.r.astype(np.int64)
     for variance in (False, True):
         sm, var = apply_kernels(x, g, kernels, variance=variance)
         (_, reg), = [(k, r) for k, r in g.kernel_regions(kernels) if k == ring]
-        rows = reg.coarse[1].rows
-        assert rows[0] <= 60 and rows[1] == g.polar.n_r
-        want = _reference(x, g, ring, rows, sel, n_c, variance)
-        # float32 DFTs against float64 ones: ~1e-6 of the largest value (as in
-        # test_kde.py), whereas a wrong cell or weight is off by ~1e-2
-        scale = np.abs(want[0]).max()
-        np.testing.assert_allclose(sm[sel], want[0], rtol=0, atol=1e-5 * scale)
+        groups = reg.coarse[1].groups
+        assert len(groups) >= 2 and groups[-1].rows[1] == g.polar.n_r
+        if sigma_ring == 8.0:  # the outer rings (corners only) are cut to their arcs
+            assert groups[-1].width < 0.8 * groups[-1].n_phi
+        assert [gp.out_rows[1] for gp in groups[:-1]] == [gp.out_rows[0] for gp in groups[1:]]
+        for gp in groups:
+            # each grid's cell is at most ARC_STEP sigma_ring of arc on its outer row
+            assert 2 * np.pi * gp.rows[1] / gp.n_phi <= kde_emit.ARC_STEP * sigma_ring
+            s, e = gp.out_rows
+            part = sel & (rb >= s) & (rb < e)
+            want = _reference(x, g, ring, gp.rows, part, gp.n_phi, variance)
+            # float32 DFTs against float64 ones: ~1e-6 of the largest value (as in
+            # test_kde.py), whereas a wrong cell or weight is off by ~1e-2
+            scale = np.abs(want[0]).max()
+            np.testing.assert_allclose(sm[part], want[0], rtol=0, atol=1e-5 * scale)
+            if variance:
+                np.testing.assert_allclose(var[part], want[1], rtol=0,
+                                           atol=1e-5 * np.abs(want[1]).max())
         if variance:
-            np.testing.assert_allclose(var[sel], want[1], rtol=0,
-                                       atol=1e-5 * np.abs(want[1]).max())
             assert np.all(var[~mask] == 0)
         assert np.all(sm[~mask] == 0)
         # a second emit reuses the plan and its work buffers: same values
         again = apply_kernels(x, g, kernels, variance=variance)
         assert np.array_equal(again[0], sm)
+
+
+def test_ring_groups_cover_the_rows_at_the_arc_step():
+    rng = np.random.default_rng(0)
+    row_px = rng.integers(0, 3000, 1449)
+    for reach, sr in ((8, 8.0), (32, 20.0), (0, 60.0)):
+        groups = kde_emit.ring_groups(row_px, (100, 1449), reach, sr)
+        assert groups[0][0] == 100 and groups[-1][1] == 1449
+        assert all(g[1] == h[0] for g, h in zip(groups[:-1], groups[1:], strict=True))
+        for _s, e, n in groups:
+            top = min(e + reach, 1449)
+            assert n == kde_emit.group_n_phi(top, sr) and n % 2 == 0
+            assert 2 * np.pi * top / n <= kde_emit.ARC_STEP * sr
+        # a grid per group: fewer cells than one grid sized for the outermost row
+        cells = sum((min(e + reach, 1449) - max(s - reach, 0)) * n for s, e, n in groups)
+        assert cells < (1449 - 100) * kde_emit.group_n_phi(1449, sr)
 
 
 def test_ring_plans_sharing_work_buffers_give_each_kernels_own_values(monkeypatch):

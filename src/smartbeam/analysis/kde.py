@@ -149,7 +149,7 @@ class _Region:
     flat_sel: np.ndarray  # flat pixel indices of sel_full
     cell_of_sel: np.ndarray  # polar cell of each of those pixels
     inv_px: tuple | None = None  # ((kernel, rows), kde_emit.CellEmitPlan): 1 px-of-arc grid
-    coarse: tuple | None = None  # ((kernel, rows, n_phi), kde_emit.RingEmitPlan)
+    coarse: tuple | None = None  # (kernel, kde_emit.RingEmitPlan): coarse grids
 
 
 class Geometry:
@@ -229,7 +229,6 @@ class Geometry:
         self._regions: dict[tuple, list] = {}
         self._score_polar: PolarGrid | None = None
         self._score_grid: MultiPolar | None = None
-        self._ring_polars: dict[int, PolarGrid] = {}
         self._emit_work: dict = {}  # work buffers of the ring emits (kde_emit plans)
         masked_flat = np.flatnonzero(~mask)
         self._masked_flat = masked_flat if masked_flat.size < mask.size // 4 else None
@@ -379,15 +378,6 @@ class Geometry:
             self._score_grid = MultiPolar(self.mask, self.r, self.polar.phi,
                                           arc_px=self.score_arc_px)
         return self._score_grid
-
-    def ring_polar(self, n_phi: int) -> PolarGrid:
-        """Polar grid of ``n_phi`` azimuthal cells for the emitted smoothing of wide ring
-        kernels (:mod:`.kde_emit`); the last two are cached."""
-        if n_phi not in self._ring_polars:
-            if len(self._ring_polars) >= 2:
-                self._ring_polars.pop(next(iter(self._ring_polars)))
-            self._ring_polars[n_phi] = PolarGrid(self.mask, self.centre, n_phi=n_phi)
-        return self._ring_polars[n_phi]
 
     def scratch(self, slot: int) -> np.ndarray:
         """A float32 work frame kept by the geometry (see :meth:`masked32`)."""
@@ -1206,9 +1196,8 @@ def apply_kernels(counts: np.ndarray, geometry: Geometry, kernels: Sequence[Kern
             _apply_iso_region(geometry.iso_filter(kern.sigma_q), masked, reg, out, var,
                               (geometry.scratch(_ISO_SLOTS[0]), geometry.scratch(_ISO_SLOTS[1])))
         else:
-            n_c = coarse_n_phi(geometry.polar.n_r, geometry.polar.n_phi, kern.sigma_ring)
-            if n_c is not None:
-                _apply_ring_region_coarse(geometry, counts, kern, reg, out, var, n_c)
+            if coarse_n_phi(geometry.polar.n_r, geometry.polar.n_phi, kern.sigma_ring):
+                _apply_ring_region_coarse(geometry, counts, kern, reg, out, var)
             else:
                 _apply_ring_region(geometry, counts, kern, reg, out, var)
     return out, var
@@ -1246,42 +1235,18 @@ def _apply_iso_region(f: IsoFilter, masked: np.ndarray, reg: _Region, out: np.nd
 
 
 def _apply_ring_region_coarse(geometry: Geometry, counts: np.ndarray, kern: Kernel,
-                              reg: _Region, out: np.ndarray, var: np.ndarray | None,
-                              n_phi: int) -> None:
-    """:func:`_apply_ring_region` of a wide ring kernel on a coarser azimuthal grid
-    (:mod:`.kde_emit`), interpolated along the ring to the pixels.
+                              reg: _Region, out: np.ndarray, var: np.ndarray | None) -> None:
+    """:func:`_apply_ring_region` of a wide ring kernel on coarser azimuthal grids, one
+    per group of radii (:mod:`.kde_emit`), interpolated along the ring to the pixels.
 
     ``counts`` is read as given (masked pixels are skipped by the binning): no float32
     copy of the frame is needed for the ring bands.
     """
-    polar = geometry.ring_polar(n_phi)
-    rad = (gaussian_kernel_1d(kern.sigma_q).size // 2) if kern.sigma_q > 0 else 0
-    # rows within the variance's reach (2 q radii) with or without the variance: one
-    # plan serves both kinds of emit (a plan takes ~1 s to build at 2048^2), and the
-    # rows filtered independently give the bands' rows the same values either way
-    r0, r1 = reg.rows
-    a, b = max(r0 - 2 * rad, 0), min(r1 + 2 * rad, polar.n_r)
-    key = (kern, a, b, n_phi)
-    if reg.coarse is None or reg.coarse[0] != key or reg.coarse[1].polar is not polar:
-        reg.coarse = (key, RingEmitPlan(polar, (a, b), reg.sel_full, geometry._emit_work))
-    plan = reg.coarse[1]
-    inv = polar.inv_den(kern.sigma_q, kern.sigma_ring)[a:b]
-    val = polar.filter_cells_cv(plan.bin(counts), kern.sigma_q, kern.sigma_ring, first_row=a,
-                                work=plan.work)
-    pv = plan.padded(0)
-    if var is None:
-        np.multiply(val, inv, out=pv[:, :n_phi])
-        plan.to_pixels(pv, out)
-        return
-    if plan.inv2 is None:
-        plan.inv2 = inv * inv
-    # the density of each cell: the estimate times the valid pixels in it
-    dens = plan.estimate_and_density(val, inv, polar.n_cell[a:b], pv[:, :n_phi])
-    v = polar.filter_cells_cv(dens, kern.sigma_q, kern.sigma_ring, squared=True,
-                              first_row=a, work=plan.work)
-    pw = plan.padded(1)
-    np.multiply(v, plan.inv2, out=pw[:, :n_phi])
-    plan.to_pixels(pv, out, pw, var)
+    # one plan serves both kinds of emit (a plan takes ~1 s to build at 2048^2)
+    if reg.coarse is None or reg.coarse[0] != kern:
+        reg.coarse = (kern, RingEmitPlan(geometry.polar, reg.rows, reg.sel_full, kern.sigma_q,
+                                         kern.sigma_ring, geometry._emit_work))
+    reg.coarse[1].emit(counts, out, var)
 
 
 def _apply_ring_region(geometry: Geometry, counts: np.ndarray, kern: Kernel, reg: _Region,

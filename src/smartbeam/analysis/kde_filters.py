@@ -31,7 +31,7 @@ import scipy.fft as sfft
 from scipy import ndimage
 
 __all__ = ["IsoFilter", "PolarGrid", "gaussian_kernel_1d", "masked_gaussian", "pack_ccs",
-           "ring_gaussian"]
+           "ring_gaussian", "ring_transfer"]
 
 
 def pack_ccs(tf: np.ndarray, n_phi: int) -> np.ndarray:
@@ -47,6 +47,27 @@ def pack_ccs(tf: np.ndarray, n_phi: int) -> np.ndarray:
     if n_phi % 2 == 0:
         ccs[:, -1] = tf[:, n_phi // 2]
     return ccs
+
+
+def ring_transfer(r_centre: np.ndarray, n_phi: int, sigma_ring: float,
+                  squared: bool = False, length: int | None = None) -> np.ndarray:
+    """Transfer function of the periodic azimuthal Gaussian of ``sigma_ring`` px of arc on
+    rings of radii ``r_centre`` sampled by ``n_phi`` cells, float32 ``(len(r_centre),
+    length // 2 + 1)`` (real: the kernel is even); ``squared``: of the squared weights
+    (the variance's kernel); ``length``: the period in cells (default ``n_phi``; a
+    shorter one for rings whose unused cells were cut out)."""
+    length = n_phi if length is None else int(length)
+    d = np.arange(length)
+    d = np.minimum(d, length - d).astype(float)
+    # arc per azimuthal cell on each ring, so sigma_ring is a length in px
+    s = sigma_ring / (np.asarray(r_centre, float) * 2 * np.pi / n_phi)
+    s = np.maximum(s, 1e-3)[:, None]
+    g = np.exp(-0.5 * (d[None, :] / s) ** 2)
+    g /= g.sum(axis=1, keepdims=True)
+    if squared:
+        g = g * g
+    # a real factor halves the cost of the per-candidate spectrum multiplication
+    return np.ascontiguousarray(sfft.rfft(g.astype(np.float32), axis=1).real)
 
 
 def gaussian_kernel_1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
@@ -271,19 +292,7 @@ class PolarGrid:
         """
         key = ("phi", float(sigma_ring), squared)
         if key not in self._cache:
-            d = np.arange(self.n_phi)
-            d = np.minimum(d, self.n_phi - d).astype(float)
-            # arc per azimuthal cell on each ring, so sigma_ring is a length in px
-            s = sigma_ring / (self.r_centre * 2 * np.pi / self.n_phi)
-            s = np.maximum(s, 1e-3)[:, None]
-            g = np.exp(-0.5 * (d[None, :] / s) ** 2)
-            g /= g.sum(axis=1, keepdims=True)
-            if squared:
-                g = g * g
-            # the kernel is even, so its transfer function is real: a real factor halves
-            # the cost of the per-candidate spectrum multiplication
-            self._cache[key] = np.ascontiguousarray(sfft.rfft(g.astype(np.float32),
-                                                              axis=1).real)
+            self._cache[key] = ring_transfer(self.r_centre, self.n_phi, sigma_ring, squared)
         return self._cache[key]
 
     def filter_cells(self, cells: np.ndarray, sigma_q: float, sigma_ring: float,
