@@ -344,15 +344,20 @@ def _throughput(quick: bool, rng: np.random.Generator) -> dict:
         key = "emit_ms_2048_iso1" + ("_with_variance" if var else "")
         out[key] = _median_ms(lambda v=var: apply_kernels(x2048, g2048, iso1, variance=v),
                               rep, cpu, key)
-    mixed = [Kernel.iso(1.0)] * 4 + [Kernel.ring(1.0, 20.0)] * (g2048.n_bands - 4)
-    # the first emit of a kernel list builds what later emits reuse (band regions, the
-    # coarse ring grid, its normaliser and the pixel tables of kde_emit.RingEmitPlan)
-    out["emit_ms_2048_mixed_first_call"] = _median_ms(
-        lambda: apply_kernels(x2048, g2048, mixed), 1, cpu, "emit_ms_2048_mixed_first_call")
-    for var in (False, True):
-        key = "emit_ms_2048_mixed" + ("_with_variance" if var else "")
-        out[key] = _median_ms(lambda v=var: apply_kernels(x2048, g2048, mixed, variance=v),
-                              3, cpu, key)
+    # ring kernels on the outer 8 bands: sigma_ring 20 px (emit_ms_2048_mixed*) and 8 px
+    # (the narrowest on coarse grids: most cells; *_sr8)
+    for sr, tag in ((20.0, ""), (8.0, "_sr8")):
+        mixed = [Kernel.iso(1.0)] * 4 + [Kernel.ring(1.0, sr)] * (g2048.n_bands - 4)
+        # the first emit of a kernel list builds what later emits reuse (band regions,
+        # the coarse grids per group of radii, their normalisers and the pixel tables of
+        # kde_emit.RingEmitPlan)
+        key = "emit_ms_2048_mixed" + tag + "_first_call"
+        out[key] = _median_ms(lambda m=mixed: apply_kernels(x2048, g2048, m), 1, cpu, key)
+        for var in (False, True):
+            key = "emit_ms_2048_mixed" + tag + ("_with_variance" if var else "")
+            out[key] = _median_ms(
+                lambda v=var, m=mixed: apply_kernels(x2048, g2048, m, variance=v), 5, cpu,
+                key)
     g1024 = geom(1024)
     x1024 = rng.poisson(2.0, (1024, 1024))
     out["select_ms_1024_first_call"] = _median_ms(
