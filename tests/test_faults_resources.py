@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
+import gc
 import tracemalloc
 
 import numpy as np
 import pytest
 from event_model import compose_run
 
+from smartbeam.analysis.kde import kde_estimate, select_bandwidths
 from smartbeam.callbacks.live_kde import LiveKDE
 from smartbeam.faults import FrameQualityMonitor, check_frame
 
@@ -54,12 +56,26 @@ def test_ten_hour_count_in_bounded_memory():
 
     cb.downstream = no_op
     docs = _frame_docs(pool[i % len(pool)] for i in range(n_frames))
+    # One-time costs are not what this test bounds: the first row (lazy imports, numba
+    # compilation) runs untraced, then a full search builds the geometry's cached filters
+    # of every candidate kernel, which later re-selections would otherwise add one by one,
+    # and an estimate from an int64 sum compiles what the count needs once its uint16
+    # sum spills to int64 (~20 k frames here). All bounded, but indistinguishable here
+    # from growth per row.
+    for name, doc in docs:
+        cb(name, doc)
+        if name == "event" and doc["seq_num"] == 1200:
+            break
+    wide = cb.stream.acc.total.astype(np.int64)
+    select_bandwidths(wide, cb.geometry, search="full", rng=np.random.default_rng(1))
+    kde_estimate(wide, cb.geometry, rng=np.random.default_rng(1))
     tracemalloc.start()
     try:
         marks = {}
         for name, doc in docs:
             cb(name, doc)
             if name == "event" and doc["seq_num"] in (n_frames // 4, n_frames):
+                gc.collect()  # live memory only: cyclic garbage awaiting collection varies
                 marks[doc["seq_num"]] = tracemalloc.get_traced_memory()[0]
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -68,8 +84,10 @@ def test_ten_hour_count_in_bounded_memory():
     assert cb.stream.n_frames == n_frames and len(cb.rows) == n_frames // 1200
     growth = marks[n_frames] - marks[n_frames // 4]
     # 22 rows of two 64 kB float32 maps would be ~3 MB; bounded means no growth per row
+    # beyond the rows' few kB of scalars (and the int64 spill of the sum, 128 kB, once)
     assert growth < 1_000_000, f"memory grew by {growth / 1e6:.1f} MB over 7.5 h of frames"
-    assert peak < 60_000_000
+    # the count itself, after the one-time costs above: ~13 MB measured
+    assert peak < 30_000_000
 
 
 def _monitor(frames, counters=None, shape=SHAPE):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sim_devices.physics.sans import SANSSample
-from smartbeam.analysis.kde import ErrorModel, Geometry
+from smartbeam.analysis.kde import ErrorModel, ErrorModelPool, Geometry
 from smartbeam.analysis.kde_stream import StreamingKDE
 from smartbeam.errors import SmartbeamInputError
 
@@ -100,3 +100,50 @@ def test_result_smooths_the_narrow_sum_as_read_and_equals_the_widened_one(silica
     assert np.array_equal(got.smoothed, want.smoothed)
     assert np.array_equal(got.variance, want.variance)
     assert np.array_equal(got.selection.cv_score, want.selection.cv_score)
+
+
+def _model(rng, shape, exposure):
+    terms = [rng.uniform(0.1, 1.0, shape) for _ in range(4)]
+    return ErrorModel(*terms, chosen=rng.integers(0, shape[0], shape[1]), exposure=exposure)
+
+
+def test_error_model_pool_is_the_exposure_weighted_average_of_the_models():
+    rng = np.random.default_rng(0)
+    models = [_model(rng, (5, 3), t) for t in (10.0, 20.0, 40.0)]
+    pool = ErrorModelPool()
+    assert not pool
+    with pytest.raises(SmartbeamInputError, match="no error model"):
+        pool.pooled()
+    for m in models:
+        pool.add(m)
+    pool.add(None)  # an emit without a selection adds nothing
+    got = pool.pooled()
+    w = np.array([10.0, 20.0, 40.0])
+    for name in ("rel_bias2", "rel_var_time", "chi2_bias2_rate", "chi2_var"):
+        want = np.average(np.stack([getattr(m, name) for m in models]), axis=0, weights=w)
+        np.testing.assert_allclose(getattr(got, name), want, rtol=1e-12)
+    assert np.array_equal(got.chosen, models[-1].chosen) and got.exposure == 40.0
+    assert pool.n_models == 3
+    # another shape (other geometry or candidates) starts a new pool
+    other = _model(rng, (4, 3), 50.0)
+    pool.add(other)
+    assert pool.n_models == 1
+    np.testing.assert_allclose(pool.pooled().rel_bias2, other.rel_bias2)
+
+
+def test_stream_pools_its_models_without_keeping_them(silica):
+    # a long count emits thousands of rows: the stream keeps the running pool, not a
+    # model per emit, and predicts what pooling every emit's model predicts
+    _, g, mu1 = silica
+    rng = np.random.default_rng(2)
+    st = StreamingKDE(g, seed=2)
+    models = []
+    for _ in range(4):
+        st.add(rng.poisson(mu1 * 5).astype(np.int32), 5.0)
+        res = st.result(variance=False)
+        models.append(res.selection.error_model(st.exposure))
+    assert st.error_models.n_models == 4
+    assert not any(isinstance(v, list) and v and isinstance(v[0], ErrorModel)
+                   for v in vars(st).values())
+    assert st.predicted_time(0.03) == pytest.approx(
+        ErrorModel.pooled(models).time_to_target(0.03), rel=1e-9)

@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_CANDIDATES",
     "PRODUCTS",
     "ErrorModel",
+    "ErrorModelPool",
     "Geometry",
     "KDEResult",
     "Kernel",
@@ -690,20 +691,61 @@ class ErrorModel:
         Each model's terms are count-independent on a stationary sample, so averaging the
         models of successive emits (independent random halvings, more counts) lowers the
         noise of the prediction; later models, measured on more counts, weigh more.
+        Models of another shape than the last one (another geometry or candidate list)
+        are left out. See :class:`ErrorModelPool` for the same average kept as a count
+        goes on.
         """
         models = [m for m in models if m is not None]
         if not models:
             raise SmartbeamInputError("no error model to pool: expected at least one")
         shape = models[-1].rel_bias2.shape
-        models = [m for m in models if m.rel_bias2.shape == shape]
-        w = np.array([m.exposure for m in models], float)
-        w /= w.sum()
+        pool = ErrorModelPool()
+        for m in models:
+            if m.rel_bias2.shape == shape:
+                pool.add(m)
+        return pool.pooled()
 
-        def avg(name: str) -> np.ndarray:
-            return np.tensordot(w, np.stack([getattr(m, name) for m in models]), axes=1)
 
-        return cls(avg("rel_bias2"), avg("rel_var_time"), avg("chi2_bias2_rate"),
-                   avg("chi2_var"), models[-1].chosen.copy(), models[-1].exposure)
+class ErrorModelPool:
+    """Running exposure-weighted average of the :class:`ErrorModel` of successive emits.
+
+    Keeps the weighted sums of the models' terms, not the models: memory and the cost
+    of :meth:`pooled` stay the same however many emits a count makes (a list of models
+    grew by ~10 kB per emit and was averaged whole at each one). A model of another
+    shape than the previous one (another geometry or candidate list) starts a new pool.
+    """
+
+    _TERMS = ("rel_bias2", "rel_var_time", "chi2_bias2_rate", "chi2_var")
+
+    def __init__(self) -> None:
+        self._weight = 0.0
+        self._sums: dict[str, np.ndarray] = {}
+        self.last: ErrorModel | None = None
+        self.n_models = 0
+
+    def __bool__(self) -> bool:
+        return self.last is not None
+
+    def add(self, model: ErrorModel | None) -> None:
+        """Add one emit's model (``None`` is ignored), weighted by its exposure."""
+        if model is None:
+            return
+        if self.last is None or model.rel_bias2.shape != self.last.rel_bias2.shape:
+            self._weight, self.n_models = 0.0, 0
+            self._sums = {n: np.zeros(getattr(model, n).shape) for n in self._TERMS}
+        w = float(model.exposure)
+        self._weight += w
+        for n in self._TERMS:
+            self._sums[n] += w * getattr(model, n)
+        self.last = model
+        self.n_models += 1
+
+    def pooled(self) -> ErrorModel:
+        """The pooled :class:`ErrorModel` (chosen kernels and exposure of the last one)."""
+        if self.last is None:
+            raise SmartbeamInputError("no error model to pool: expected at least one")
+        terms = [self._sums[n] / self._weight for n in self._TERMS]
+        return ErrorModel(*terms, self.last.chosen.copy(), self.last.exposure)
 
 
 # score (and error terms) of candidates a coarse-to-fine search did not evaluate: finite,

@@ -17,7 +17,7 @@ from smartbeam.errors import SmartbeamInputError
 
 from .kde import (
     DEFAULT_CANDIDATES,
-    ErrorModel,
+    ErrorModelPool,
     Geometry,
     KDEResult,
     Kernel,
@@ -412,7 +412,8 @@ class StreamingKDE:
         self.history_exposure: list[float] = []
         self.history_rel_error: list[float] = []
         self.last: KDEResult | None = None
-        self.models: list[ErrorModel] = []
+        # pooled as the count goes on: constant memory however many emits it makes
+        self.error_models = ErrorModelPool()
 
     @property
     def n_frames(self) -> int:
@@ -448,9 +449,8 @@ class StreamingKDE:
         self.history_exposure.append(self.acc.exposure)
         self.history_rel_error.append(res.rel_error)
         self.last = res
-        model = None if res.selection is None else res.selection.error_model(self.acc.exposure)
-        if model is not None:
-            self.models.append(model)
+        if res.selection is not None:
+            self.error_models.add(res.selection.error_model(self.acc.exposure))
         return res
 
     def predicted_time(self, target_rel_error: float) -> float:
@@ -464,7 +464,7 @@ class StreamingKDE:
         the noise of the estimate, since no smoothing is a candidate. Falls back to a
         power-law fit of the error history when no model is available.
         """
-        if self.models:
-            return ErrorModel.pooled(self.models).time_to_target(target_rel_error)
+        if self.error_models:
+            return self.error_models.pooled().time_to_target(target_rel_error)
         return predict_time_to_target(self.history_exposure, self.history_rel_error,
                                       target_rel_error)

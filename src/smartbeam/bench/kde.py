@@ -249,6 +249,46 @@ def _select_breakdown(x: np.ndarray, g: Geometry, rng: np.random.Generator,
     return out
 
 
+def _emit_breakdown(x: np.ndarray, g: Geometry, kernels: list, repeat: int = 5) -> dict:
+    """Thread-CPU medians (ms) of the passes of an emit (no variance) with ``kernels``,
+    summed over the groups of radii of its coarse ring plans (after one emit built them).
+
+    ``bin_pixels`` and ``interpolate_pixels`` are the two passes over the ring bands'
+    pixels (detector order, each pixel to or from its polar cells); ``ring_and_q_filter``
+    the filtering of the polar cells; ``iso_and_rest`` what else the emit takes (the
+    isotropic bands, the masked float32 frame, the output maps).
+    """
+    def med(fn) -> float:
+        c = []
+        for _ in range(repeat):
+            c0 = time.thread_time()
+            fn()
+            c.append((time.thread_time() - c0) * 1e3)
+        return float(np.median(c))
+
+    apply_kernels(x, g, kernels, variance=False)
+    plans = [reg.coarse[1] for _, reg in g.kernel_regions(kernels)
+             if reg.coarse is not None]
+    groups = [grp for plan in plans for grp in plan.groups]
+    out = {"n_groups": len(groups),
+           "n_cells": int(sum((grp.rows[1] - grp.rows[0]) * grp.width for grp in groups)),
+           "bin_pixels": 0.0, "ring_and_q_filter": 0.0, "interpolate_pixels": 0.0}
+    scratch = np.zeros(g.shape, np.float32)
+    for grp in groups:
+        t_bin = med(lambda gr=grp: gr.bin(x))
+        cells = grp.bin(x).copy()
+        dst = np.empty_like(cells)
+        t_filter = med(lambda gr=grp, c=cells, d=dst: gr.filter(c, d))
+        t_emit = med(lambda gr=grp: gr.emit(x, scratch, None))
+        out["bin_pixels"] += t_bin
+        out["ring_and_q_filter"] += t_filter
+        out["interpolate_pixels"] += max(t_emit - t_bin - t_filter, 0.0)
+    out["emit_total"] = med(lambda: apply_kernels(x, g, kernels, variance=False))
+    out["iso_and_rest"] = max(out["emit_total"] - out["bin_pixels"]
+                              - out["ring_and_q_filter"] - out["interpolate_pixels"], 0.0)
+    return out
+
+
 def _throughput(quick: bool, rng: np.random.Generator) -> dict:
     from smartbeam.analysis import kde_stream
 
@@ -358,6 +398,7 @@ def _throughput(quick: bool, rng: np.random.Generator) -> dict:
             out[key] = _median_ms(
                 lambda v=var, m=mixed: apply_kernels(x2048, g2048, m, variance=v), 5, cpu,
                 key)
+        out["emit_breakdown_cpu_ms_2048" + tag] = _emit_breakdown(x2048, g2048, mixed)
     g1024 = geom(1024)
     x1024 = rng.poisson(2.0, (1024, 1024))
     out["select_ms_1024_first_call"] = _median_ms(
