@@ -36,7 +36,8 @@ from smartbeam.analysis.kde_stream import FrameAccumulator
 __all__ = ["add_arguments", "run"]
 
 COUNTS_PER_SCAN = 3000.0
-N_SCANS = (1, 3, 10, 30, 100, 300)
+# 20: where the anisotropic sector-average target (>= 2x up to 20 scans) ends
+N_SCANS = (1, 3, 10, 20, 30, 100, 300)
 PRODUCTS = ("map", "sector", "radial")
 
 
@@ -87,7 +88,9 @@ def _variance_ratio(var: dict, mu_scan: np.ndarray, g: Geometry, n: int) -> dict
     """Median per-pixel ratio raw variance / smoothed variance (the seed's figure)."""
     m = g.mask & (mu_scan > 0)
     raw = mu_scan[m] / n
-    return {k: float(np.median(raw / np.maximum(v[m], 1e-300))) for k, v in var.items()}
+    # float64: the floor 1e-300 is 0 in a float32 variance map (raw / 0 warned)
+    return {k: float(np.median(raw / np.maximum(v[m].astype(np.float64), 1e-300)))
+            for k, v in var.items()}
 
 
 def _summarise(pattern, product, n, scores, vratios, kernels) -> dict:
