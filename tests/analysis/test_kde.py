@@ -404,3 +404,38 @@ def test_selection_scores_a_repeated_candidate_once():
     assert sel.candidates == list(dict.fromkeys(cands))
     assert sel.cv_score.shape[0] == len(cands) - 1
     assert np.all(np.isfinite(sel.cv_score))
+
+
+def test_adjacent_band_pooling_lends_half_of_each_neighbour_and_keeps_raw_as_a_floor():
+    from smartbeam.analysis.kde import pool_adjacent_bands
+
+    score = np.array([[1.0, 2.0, 3.0, 4.0], [4.0, 1.0, 1.0, 9.0]])
+    present = np.array([True, True, False, True])
+    pooled = pool_adjacent_bands(score, present)
+    # band 1 takes half of band 0 and nothing from the absent band 2
+    np.testing.assert_allclose(pooled[:, 1], [2.0 + 0.5, 1.0 + 2.0])
+    np.testing.assert_allclose(pooled[:, 3], score[:, 3])
+    np.testing.assert_allclose(pooled[:, 0], [1.0 + 1.0, 4.0 + 0.5])
+    # a candidate chosen on pooled scores is never worse than no smoothing (row 0) there
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(6, 9))
+    p = pool_adjacent_bands(s, np.ones(9, bool))
+    best = p.argmin(axis=0)
+    assert np.all(p[best, np.arange(9)] <= p[0])
+
+
+@pytest.mark.parametrize("product", ["map", "sector"])
+def test_one_d_products_choose_on_pooled_band_scores(product):
+    from smartbeam.analysis.kde import pool_adjacent_bands
+
+    yy, xx = np.mgrid[0:96, 0:96]
+    r = np.hypot(yy - 47.5, xx - 47.5)
+    mu = 50.0 * np.exp(-r / 20.0) + 2.0
+    g = Geometry(r > 3, (47.5, 47.5), sector=(30.0, 10.0))
+    x = np.random.default_rng(3).poisson(mu)
+    sel = select_bandwidths(x, g, product=product, rng=np.random.default_rng(4))
+    present = sel.present
+    score = sel.cv_score if product == "map" else pool_adjacent_bands(sel.cv_score, present)
+    want = [sel.candidates[i] for i in np.argmin(score, axis=0)]
+    assert [k for k, p in zip(sel.kernels, present, strict=True) if p] == \
+        [k for k, p in zip(want, present, strict=True) if p]
