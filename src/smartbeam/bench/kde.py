@@ -199,6 +199,16 @@ def _median_ms(fn, repeat: int, cpu: dict | None = None, key: str | None = None)
     return float(np.median(t))
 
 
+def _cpu_median_ms(fn, repeat: int) -> float:
+    """Median thread-CPU ms of ``fn`` over ``repeat`` calls (the pieces of a breakdown)."""
+    c = []
+    for _ in range(repeat):
+        c0 = time.thread_time()
+        fn()
+        c.append((time.thread_time() - c0) * 1e3)
+    return float(np.median(c))
+
+
 def _select_breakdown(x: np.ndarray, g: Geometry, rng: np.random.Generator,
                       repeat: int = 9) -> dict:
     """Thread-CPU medians (ms) of the pieces of a map selection at the scored rows.
@@ -211,12 +221,7 @@ def _select_breakdown(x: np.ndarray, g: Geometry, rng: np.random.Generator,
     from smartbeam.analysis.kde_thin import bin_cells, thin_masked
 
     def med(fn) -> float:
-        c = []
-        for _ in range(repeat):
-            c0 = time.thread_time()
-            fn()
-            c.append((time.thread_time() - c0) * 1e3)
-        return float(np.median(c))
+        return _cpu_median_ms(fn, repeat)
 
     sc = g.row_scorer(65536)
     a, b = thin_masked(x, g, rng)
@@ -262,12 +267,7 @@ def _emit_breakdown(x: np.ndarray, g: Geometry, kernels: list, repeat: int = 5) 
     isotropic bands, the masked float32 frame, the output maps).
     """
     def med(fn) -> float:
-        c = []
-        for _ in range(repeat):
-            c0 = time.thread_time()
-            fn()
-            c.append((time.thread_time() - c0) * 1e3)
-        return float(np.median(c))
+        return _cpu_median_ms(fn, repeat)
 
     apply_kernels(x, g, kernels, variance=False)
     plans = [reg.coarse[1] for _, reg in g.kernel_regions(kernels)
