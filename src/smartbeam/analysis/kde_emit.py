@@ -56,8 +56,7 @@ def coarse_n_phi(n_r: int, n_phi: int, sigma_ring: float) -> int | None:
     grid is kept)."""
     if not sigma_ring > 0 or n_phi < MIN_N_PHI:
         return None
-    n = 2 * sfft.next_fast_len(int(np.ceil(np.pi * n_r / (ARC_STEP * sigma_ring))),
-                               real=True)  # even: OpenCV's odd-length DFTs are ~3x slower
+    n = group_n_phi(n_r, sigma_ring)
     return n if 1.5 * n <= n_phi else None
 
 
@@ -208,7 +207,8 @@ class _Binned:
         if cells is None or cells.size < self._n_cells:
             cells = self._shared["cells"] = np.empty(self._n_cells, np.float32)
         cells = cells[: self._n_cells]
-        _compiled().bin_runs(np.ascontiguousarray(frame).reshape(-1), s, n, self.bin_cell, cells)
+        _compiled().bin_runs(np.ascontiguousarray(frame).reshape(-1), s, n, self.bin_cell,
+                             cells)
         return cells.reshape(-1, self.polar.n_phi)
 
 
@@ -250,8 +250,8 @@ class CellEmitPlan(_Binned):
         """``out.flat[pixel] = cells.flat[cell] * inv_px`` (``inv_px ** 2`` if
         ``squared``) over the plan's pixels."""
         s, n = self.runs
-        _compiled().gather_runs(np.ascontiguousarray(cells).reshape(-1), s, n, self.cell, self.inv_px,
-                       out.reshape(-1), squared)
+        _compiled().gather_runs(np.ascontiguousarray(cells).reshape(-1), s, n, self.cell,
+                                self.inv_px, out.reshape(-1), squared)
 
 
 def group_n_phi(top: int, sigma_ring: float) -> int:
@@ -476,8 +476,8 @@ class RingGroupPlan:
         s, n = self.bin_runs
         w = self.width
         cells = self._buf("cells", (self.rows[1] - self.rows[0], w + 1))
-        _compiled().bin2_runs(np.ascontiguousarray(frame).reshape(-1), s, n, self.bin_c0, self.bin_f,
-                       cells.reshape(-1))
+        _compiled().bin2_runs(np.ascontiguousarray(frame).reshape(-1), s, n, self.bin_c0,
+                              self.bin_f, cells.reshape(-1))
         cells[:, 0] += cells[:, w]
         return cells[:, :w]
 

@@ -25,7 +25,7 @@ import scipy.fft as sfft
 
 from .kde_filters import pack_ccs
 
-__all__ = ["MultiPolar", "MultiRingGrid", "ring_q_multi", "segments"]
+__all__ = ["MultiPolar", "MultiRingGrid", "q_window", "ring_q_multi", "segments"]
 
 # as in kde_score: spectra cut where the transfer function is < exp(-TAIL^2 / 2), filtered
 # rows sampled every ARC_STEP * sigma_ring px of arc (or finer) at the group's outer radius
@@ -385,7 +385,7 @@ def _q_taps(sigma_qs: Sequence[float]) -> list[np.ndarray]:
     return _taps_cache[key]
 
 
-def _q_window(sigma_qs: Sequence[float], big: int) -> tuple:
+def q_window(sigma_qs: Sequence[float], big: int) -> tuple:
     """``(w, lo, hi)`` of :func:`ring_q_multi`'s kernel: the taps of each sigma_q centred
     in a window of ``2 big + 1`` and their first and end tap; cached (a search asks for
     the same few sets on every call)."""
@@ -437,7 +437,7 @@ def ring_q_multi(polar: MultiPolar, grid: MultiRingGrid, rho: np.ndarray, u: np.
     rad = max(k.size // 2 for k in ks)
     if seg is None or seg[0] < rad:
         seg = segments(polar, grid, rho, u, max(rad, 16))
-    w, lo, hi = _q_window(sigma_qs, seg[0])
+    w, lo, hi = q_window(sigma_qs, seg[0])
     if inv is None:
         inv = np.ones((len(ks), rho.size), np.float32)
     out = np.empty((len(ks), rho.size), np.float32)

@@ -38,7 +38,7 @@ import numpy as np
 import scipy.fft as sfft
 
 from .kde_filters import gaussian_kernel_1d
-from .kde_mrgrid import MultiPolar, MultiRingGrid, ring_q_multi, segments
+from .kde_mrgrid import MultiPolar, MultiRingGrid, q_window, ring_q_multi, segments
 
 if TYPE_CHECKING:  # pragma: no cover
     from .kde import Geometry
@@ -703,15 +703,9 @@ class RowScorer:
             vals = ring_q_multi(self.polar, grid, self._rho, self._phi, sigma_qs, inv,
                                 self._segments(grid))
             return list(np.take(vals, self._uinv, axis=1))
-        ks = [gaussian_kernel_1d(s).astype(np.float32) if s > 0 else _ONE for s in sigma_qs]
-        rad = max(k.size // 2 for k in ks)
-        w = np.zeros((len(ks), 2 * rad + 1), np.float32)
-        lo = np.empty(len(ks), np.int64)
-        for i, k in enumerate(ks):
-            lo[i] = rad - k.size // 2
-            w[i, lo[i]:lo[i] + k.size] = k
-        hi = lo + np.array([k.size for k in ks], np.int64)
-        inv = np.empty((len(ks), self.idx.size), np.float32)
+        rad = max(gaussian_kernel_1d(s).size // 2 if s > 0 else 0 for s in sigma_qs)
+        w, lo, hi = q_window(sigma_qs, rad)
+        inv = np.empty((len(sigma_qs), self.idx.size), np.float32)
         for i, s in enumerate(sigma_qs):
             key = (float(s), grid.sigma_ring)
             if key not in self._inv_ring:
@@ -719,7 +713,7 @@ class RowScorer:
                 self._inv_ring[key] = den.ravel()[self._cells]
             inv[i] = self._inv_ring[key]
         i0, i1, f = self._interp_at(grid.n_out)
-        out = np.empty((len(ks), self.idx.size), np.float32)
+        out = np.empty((len(sigma_qs), self.idx.size), np.float32)
         _ring_q()(np.ascontiguousarray(grid.values, np.float32), self._rho, i0, i1, f, w,
                   lo, hi, inv, out)
         return list(out)
